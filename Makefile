@@ -1,0 +1,34 @@
+# Set-up and entry points. `make test` and `make demo` each build .venv from
+# nothing on a fresh machine. torch is installed first, pinned, so that pip
+# takes the CPU wheel instead of pulling CUDA packages for a bare `torch`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[test,el]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m accelerate.commands.launch --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml
+
+bench: $(STAMP)
+	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q --no-deps curvlinops-for-pytorch
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

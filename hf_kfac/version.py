@@ -1,0 +1,3 @@
+"""Version of the hf_kfac package."""
+
+__version__ = "0.1.0"
