@@ -1,0 +1,1 @@
+"""Medical entity linking: tasks (data side) and metrics. Kept light: no torch import here."""

@@ -1,0 +1,3 @@
+"""Shared pytest configuration and fixtures."""
+
+pytest_plugins = ["hub_server"]
