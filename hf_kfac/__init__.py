@@ -2,6 +2,8 @@
 
 from .curvature import Curvature, FisherConfig, KFACBlock, PredictiveOutput, estimate_fisher
 from .enums import Accumulation, FisherType, KFACApprox, Likelihood, PenaltyType, Shape, StorageFormat, TaskWeighting
+from .prior import Prior, PriorConfig, TaskRecord
+from .serialization import PriorFileError
 from .version import __version__
 
 __all__ = [
@@ -14,6 +16,10 @@ __all__ = [
     "Likelihood",
     "PenaltyType",
     "PredictiveOutput",
+    "Prior",
+    "PriorConfig",
+    "PriorFileError",
+    "TaskRecord",
     "Shape",
     "StorageFormat",
     "TaskWeighting",

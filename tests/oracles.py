@@ -105,3 +105,30 @@ def brute_force_dense_block(model: nn.Module, batches: list[dict], fisher_type: 
                 outer = w * torch.outer(v, v)
                 blocks = outer if blocks is None else blocks + outer
     return blocks / n_total
+
+
+def gaussian_dense_block(model: nn.Module, batches: list[dict], weight: str, bias: str | None) -> Tensor:
+    """Exact Fisher block of a unit-variance gaussian likelihood: (1/N) Σ_n J_nᵀ J_n.
+
+    J_n stacks ∂z_ntc/∂vec([W, b]) over the example's valid output positions t and outputs c,
+    one autograd call per entry.
+    """
+    params = dict(model.named_parameters())
+    targets = [params[weight]] + ([params[bias]] if bias else [])
+    total, n_total = None, 0
+    for batch in batches:
+        out = model(**batch).logits
+        mask = batch.get("output_mask")
+        n = out.shape[0]
+        z = out.reshape(n, -1, out.shape[-1])
+        for i in range(n):
+            n_total += 1
+            for t in range(z.shape[1]):
+                if mask is not None and not mask[i, t]:
+                    continue
+                for c in range(z.shape[2]):
+                    gs = torch.autograd.grad(z[i, t, c], targets, retain_graph=True)
+                    v = column_major(gs[0], gs[1] if bias else None)
+                    outer = torch.outer(v, v)
+                    total = outer if total is None else total + outer
+    return total / n_total

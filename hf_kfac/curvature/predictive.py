@@ -173,6 +173,7 @@ def output_vectors(
     For a unit-variance gaussian, ∇_z(-log p) = z − y, H = I: ``mc`` draws y ~ N(z, I),
     ``exact`` uses the unit vectors. Masked positions get v = 0.
     """
+    z = z.detach()
     n, p, c = z.shape
     m = mask.unsqueeze(-1).to(z.dtype)
     if fisher_type == FisherType.EMPIRICAL and labels is None:

@@ -1,0 +1,486 @@
+"""The prior over consolidated tasks: anchors θ*, curvature, and their accumulation.
+
+A prior is a list of *slots*. Each slot holds an anchor θ*_s, a curvature F_s normalised
+like a mean Fisher, and a weight c_s. The penalty is
+
+    P(θ) = ½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δ I) (θ − θ*_s),
+
+with damping δ (for a K-FAC block, (A + π√δ I) ⊗ (G + √δ/π I), π² = (tr A / d_A)/(tr G / d_G),
+so that the product gains about δ·I whatever the scales of A and G).
+
+Accumulation over tasks t = 1..T with task weights s_t (N_t, or 1) and decay γ:
+
+- ``separate``: one slot per task, c_t = γ^{T−t} s_t. Exact; storage grows with T.
+- ``merge``: one slot, anchored at the newest θ*_T (online EWC, Schwarz et al. 2018), with
+  weight C = γ C_old + s_T and curvature (γ C_old F_old + s_T F_T) / C. Diagonals add
+  exactly. For a K-FAC layer the weighted sum of two Kronecker products is replaced by its
+  nearest single Kronecker product in Frobenius norm (Van Loan & Pitsianis): the top
+  singular pair of the rearranged sum, found by power iteration in the 2-D span of the
+  factors, so it costs a few inner products and keeps storage constant. Because all weights
+  are positive and the factors PSD, the result is PSD. Unlike the plain sum of factors
+  (ΣA) ⊗ (ΣG), it adds no cross terms A_1 ⊗ G_2 that no task measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .curvature.blocks import Curvature, KFACBlock
+from .curvature.config import FisherConfig
+from .enums import Accumulation, Shape, TaskWeighting
+from .penalty import DiagTerm, KFACTerm, QuadraticPenalty
+from .serialization import (
+    DEFAULT_MAX_SHARD_SIZE,
+    PRIOR_CONFIG_NAME,
+    PriorFileError,
+    check_finite,
+    load_tensor_folder,
+    read_config,
+    save_tensor_folder,
+)
+from .version import __version__
+
+FORMAT_VERSION = 1
+DEFAULT_PRIOR_SUBFOLDER = "fisher"
+
+
+@dataclass
+class PriorConfig:
+    """How tasks are combined and damped.
+
+    Attributes:
+        shape: ``diag``, ``kfac`` or ``identity`` (L2).
+        accumulation: ``separate`` or ``merge``.
+        decay: γ in (0, 1]: weight of a task shrinks by γ with each newer task.
+        task_weighting: ``data_size`` (s_t = N_t, the Laplace posterior) or ``uniform``.
+        damping: δ >= 0 added to every slot's curvature at penalty time.
+    """
+
+    shape: Shape | str = Shape.KFAC
+    accumulation: Accumulation | str = Accumulation.SEPARATE
+    decay: float = 1.0
+    task_weighting: TaskWeighting | str = TaskWeighting.DATA_SIZE
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.shape = Shape(self.shape)
+        self.accumulation = Accumulation(self.accumulation)
+        self.task_weighting = TaskWeighting(self.task_weighting)
+        if not (isinstance(self.decay, (int, float)) and 0.0 < self.decay <= 1.0):
+            raise ValueError(f"decay must be in (0, 1], got {self.decay!r}.")
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"damping must be a finite float >= 0, got {self.damping!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("shape", "accumulation", "task_weighting"):
+            d[k] = str(d[k])
+        return d
+
+
+@dataclass
+class TaskRecord:
+    """One consolidated task: its name, data size, date and free-form metadata."""
+
+    name: str
+    n_examples: int
+    date: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    fisher: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    anchor: dict[str, Tensor]
+    curvature: Curvature | None  # None for an identity (L2) prior
+    scale: float  # s_t (separate) or C (merge)
+    tasks: list[int]
+
+
+def _frob(a: Tensor, b: Tensor) -> float:
+    return float(torch.sum(a * b))
+
+
+def nearest_kronecker(terms: list[tuple[float, Tensor, Tensor]], iters: int = 50) -> tuple[Tensor, Tensor]:
+    """argmin_{A,G} ‖Σ_t c_t A_t ⊗ G_t − A ⊗ G‖_F, with A, G in the span of the A_t, G_t.
+
+    Power iteration on coefficients: with K_A[s,t] = ⟨A_s, A_t⟩ and K_G likewise,
+    α ← C K_G β and β ← C K_A α converge to the top singular pair of the rearranged sum.
+    """
+    if len(terms) == 1:
+        c, A, G = terms[0]
+        return A, G * c
+    cs = torch.tensor([t[0] for t in terms], dtype=torch.float64)
+    KA = torch.tensor([[_frob(s[1], t[1]) for t in terms] for s in terms], dtype=torch.float64)
+    KG = torch.tensor([[_frob(s[2], t[2]) for t in terms] for s in terms], dtype=torch.float64)
+    beta = cs.clone()
+    alpha = cs.clone()
+    for _ in range(iters):
+        alpha = cs * (KG @ beta)
+        alpha = alpha / alpha.norm().clamp_min(1e-300)
+        beta = cs * (KA @ alpha)
+        beta = beta / beta.norm().clamp_min(1e-300)
+    A = sum(float(a) * t[1] for a, t in zip(alpha, terms))
+    G = sum(float(b) * t[2] for b, t in zip(beta, terms))
+    na, ng = _frob(A, A), _frob(G, G)
+    if na == 0 or ng == 0:
+        return torch.zeros_like(terms[0][1]), torch.zeros_like(terms[0][2])
+    # optimal scale for fixed directions: ⟨S, A⊗G⟩ / ‖A⊗G‖²
+    s = sum(c * _frob(t[1], A) * _frob(t[2], G) for c, t in zip(cs.tolist(), terms)) / (na * ng)
+    return A, G * s
+
+
+def _merge_curvatures(parts: list[tuple[float, Curvature]], total: float) -> Curvature:
+    """(Σ_i w_i F_i) / total: diagonals exactly, K-FAC blocks by nearest Kronecker product."""
+    kfac_names: set[str] = set()
+    diag_layers: set[str] = set()
+    for _, c in parts:
+        kfac_names |= set(c.kfac)
+    # a layer that is K-FAC in one part and diagonal (or absent with its params present) in another becomes diagonal
+    for name in list(kfac_names):
+        blocks = [c.kfac.get(name) for _, c in parts]
+        ref = next(b for b in blocks if b is not None)
+        for (_, c), b in zip(parts, blocks):
+            if b is None and (ref.weight in c.diag or (ref.bias is not None and ref.bias in c.diag)):
+                diag_layers.add(name)
+            elif b is not None and (b.A.shape != ref.A.shape or b.G.shape != ref.G.shape):
+                diag_layers.add(name)
+    out = Curvature(n_examples=sum(c.n_examples for _, c in parts))
+    diag_parts = []
+    for w, c in parts:
+        if diag_layers & set(c.kfac):
+            keep = {k: b for k, b in c.kfac.items() if k not in diag_layers}
+            conv = Curvature({k: b for k, b in c.kfac.items() if k in diag_layers}, {}, c.n_examples).as_diagonal()
+            c = Curvature(keep, {**c.diag, **conv.diag}, c.n_examples, c.diag_fallbacks)
+        diag_parts.append((w, c))
+        out.diag_fallbacks.update(c.diag_fallbacks)
+    for name in kfac_names - diag_layers:
+        terms = [(w / total, c.kfac[name].A, c.kfac[name].G) for w, c in diag_parts if name in c.kfac]
+        ref = next(c.kfac[name] for _, c in diag_parts if name in c.kfac)
+        A, G = nearest_kronecker(terms)
+        out.kfac[name] = KFACBlock(A, G, ref.weight, ref.bias)
+    for w, c in diag_parts:
+        for pname, d in c.diag.items():
+            out.diag[pname] = out.diag[pname] + d * (w / total) if pname in out.diag else d * (w / total)
+    return out
+
+
+class Prior:
+    """Anchors and curvature of consolidated tasks, with the penalty they define."""
+
+    def __init__(self, config: PriorConfig | None = None, fisher: FisherConfig | None = None, **kwargs: Any) -> None:
+        self.config = config or PriorConfig(**kwargs)
+        self.fisher = fisher or FisherConfig(shape=self.config.shape if self.config.shape != Shape.IDENTITY else Shape.DIAG)
+        self.tasks: list[TaskRecord] = []
+        self.slots: list[_Slot] = []
+        self.param_shapes: dict[str, list[int]] = {}
+        self._penalty_cache: dict[Any, QuadraticPenalty] = {}
+
+    # ----------------------------------------------------------------- building
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __repr__(self) -> str:
+        names = ", ".join(t.name for t in self.tasks)
+        return (
+            f"Prior(shape={self.config.shape}, accumulation={self.config.accumulation}, tasks=[{names}], "
+            f"slots={len(self.slots)}, numel={self.numel()})"
+        )
+
+    def add_task(
+        self,
+        model: nn.Module,
+        curvature: Curvature | None,
+        name: str,
+        n_examples: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> TaskRecord:
+        """Fold one task into the prior, anchored at ``model``'s current parameters.
+
+        Args:
+            model: The model after training on the task; its parameters become θ*.
+            curvature: The task's Fisher (``None`` for an identity prior, which then
+                anchors every trainable parameter).
+            name: Task name, recorded in the history and model card.
+            n_examples: Task data size N_t (defaults to ``curvature.n_examples``).
+            metadata: Anything JSON-serialisable to keep with the task (λ, metrics...).
+        """
+        if (curvature is None) != (self.config.shape == Shape.IDENTITY):
+            raise ValueError(
+                f"a prior of shape {self.config.shape!s} needs "
+                + ("no curvature (pass curvature=None)." if curvature is None or self.config.shape == Shape.IDENTITY else "a curvature.")
+            )
+        params = dict(model.named_parameters())
+        if curvature is None:
+            names = [n for n, p in params.items() if p.requires_grad]
+            n = int(n_examples or 0)
+        else:
+            names = curvature.param_names()
+            n = int(n_examples if n_examples is not None else curvature.n_examples)
+            curvature = curvature.to(device="cpu", dtype=torch.float32)
+            self._check_curvature(curvature)
+        missing = [x for x in names if x not in params]
+        if missing:
+            raise ValueError(f"the curvature covers {missing[0]!r}, which is not a parameter of the model.")
+        anchor = {x: params[x].detach().to(device="cpu", dtype=torch.float32).clone() for x in names}
+        for x in names:
+            self.param_shapes[x] = list(params[x].shape)
+        record = TaskRecord(name=name, n_examples=n, fisher=self.fisher.to_dict(), metadata=dict(metadata or {}))
+        s_t = float(n) if self.config.task_weighting == TaskWeighting.DATA_SIZE else 1.0
+        if s_t <= 0:
+            raise ValueError(
+                f"task {name!r} has no data (n_examples={n}); with task_weighting='data_size' it would get weight 0."
+            )
+        t = len(self.tasks)
+        self.tasks.append(record)
+        if self.config.accumulation == Accumulation.SEPARATE or not self.slots:
+            self.slots.append(_Slot(anchor, curvature, s_t, [t]))
+        else:
+            old = self.slots[0]
+            gamma = self.config.decay
+            total = gamma * old.scale + s_t
+            merged_anchor = {**old.anchor, **anchor}
+            merged = None
+            if curvature is not None:
+                assert old.curvature is not None
+                merged = _merge_curvatures([(gamma * old.scale, old.curvature), (s_t, curvature)], total)
+            self.slots[0] = _Slot(merged_anchor, merged, total, old.tasks + [t])
+        self._penalty_cache.clear()
+        return record
+
+    @staticmethod
+    def _check_curvature(c: Curvature) -> None:
+        for name, b in c.kfac.items():
+            for f, t in (("A", b.A), ("G", b.G)):
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"the K-FAC factor {f} of {name!r} holds NaN or inf; the Fisher estimate diverged.")
+        for name, d in c.diag.items():
+            if not torch.isfinite(d).all():
+                raise ValueError(f"the diagonal Fisher of {name!r} holds NaN or inf; the Fisher estimate diverged.")
+
+    def slot_weights(self) -> list[float]:
+        """c_s of every slot: γ^{age} s_t (separate) or C (merge)."""
+        if self.config.accumulation == Accumulation.MERGE:
+            return [s.scale for s in self.slots]
+        T = len(self.slots)
+        return [s.scale * self.config.decay ** (T - 1 - i) for i, s in enumerate(self.slots)]
+
+    def numel(self) -> int:
+        """Stored numbers: anchors plus curvature."""
+        n = 0
+        for s in self.slots:
+            n += sum(t.numel() for t in s.anchor.values())
+            if s.curvature is not None:
+                n += s.curvature.numel()
+        return n
+
+    # ------------------------------------------------------------------ penalty
+    def penalty_terms(self, device: torch.device | str = "cpu") -> QuadraticPenalty:
+        """The damped, weighted terms of the penalty on ``device`` (cached)."""
+        device = torch.device(device)
+        key = (device.type, device.index)
+        if key in self._penalty_cache:
+            return self._penalty_cache[key]
+        delta = float(self.config.damping)
+        kfac_terms: list[KFACTerm] = []
+        diag_terms: list[DiagTerm] = []
+        for slot, c in zip(self.slots, self.slot_weights()):
+            anchor = {k: v.to(device) for k, v in slot.anchor.items()}
+            if slot.curvature is None:
+                for pname, a in anchor.items():
+                    diag_terms.append(DiagTerm(pname, a, torch.tensor(c * (1.0 + delta), device=device)))
+                continue
+            for block in slot.curvature.kfac.values():
+                A, G = block.A.to(device), block.G.to(device)
+                if delta > 0:
+                    A, G = damp_factors(A, G, delta)
+                w = anchor[block.weight]
+                if block.bias is not None:
+                    w = torch.cat([w, anchor[block.bias].unsqueeze(1)], dim=1)
+                kfac_terms.append(KFACTerm(block.weight, block.bias, w, A, G * c))
+            for pname, d in slot.curvature.diag.items():
+                diag_terms.append(DiagTerm(pname, anchor[pname], (d.to(device) + delta) * c))
+        pen = QuadraticPenalty(kfac_terms, diag_terms)
+        self._penalty_cache[key] = pen
+        return pen
+
+    def penalty(self, model: nn.Module | dict[str, Tensor], lam: float) -> Tensor:
+        """½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δI) (θ − θ*_s), differentiable w.r.t. the parameters.
+
+        The gradient λ c_s (F_s + δI)(θ − θ*_s) is computed in closed form in the forward call.
+        """
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"the penalty strength λ must be a finite float >= 0, got {lam!r}.")
+        params = dict(model.named_parameters()) if isinstance(model, nn.Module) else model
+        if not self.slots:
+            return torch.zeros(())
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        return self.penalty_terms(device)(params, lam)
+
+    # -------------------------------------------------------------- compatibility
+    def check_compatible(self, model: nn.Module) -> None:
+        """Fail, naming the first mismatch, unless every prior parameter exists in ``model`` with its shape."""
+        params = dict(model.named_parameters())
+        for name, shape in self.param_shapes.items():
+            if name not in params:
+                raise PriorFileError(
+                    f"the prior covers parameter {name!r}, which the model does not have: the prior was made for "
+                    "another architecture. Load the model the prior was saved with, or start a new prior."
+                )
+            if list(params[name].shape) != list(shape):
+                raise PriorFileError(
+                    f"parameter {name!r} has shape {list(params[name].shape)} in the model but {list(shape)} in the "
+                    "prior (another vocabulary or head size?). Load the matching model, or start a new prior."
+                )
+
+    # ------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat tensors: ``slots.{i}.anchor.{p}``, ``slots.{i}.kfac.{m}.A|G``, ``slots.{i}.diag.{p}``."""
+        out: dict[str, Tensor] = {}
+        for i, s in enumerate(self.slots):
+            for k, v in s.anchor.items():
+                out[f"slots.{i}.anchor.{k}"] = v
+            if s.curvature is not None:
+                for m, b in s.curvature.kfac.items():
+                    out[f"slots.{i}.kfac.{m}.A"] = b.A
+                    out[f"slots.{i}.kfac.{m}.G"] = b.G
+                for k, v in s.curvature.diag.items():
+                    out[f"slots.{i}.diag.{k}"] = v
+        return out
+
+    def config_dict(self) -> dict[str, Any]:
+        """The JSON config of a saved prior (without the file list)."""
+        slots = []
+        for s in self.slots:
+            entry: dict[str, Any] = {"scale": s.scale, "tasks": s.tasks, "anchor": sorted(s.anchor)}
+            if s.curvature is not None:
+                entry["n_examples"] = s.curvature.n_examples
+                entry["kfac"] = {m: {"weight": b.weight, "bias": b.bias} for m, b in s.curvature.kfac.items()}
+                entry["diag"] = sorted(s.curvature.diag)
+                entry["diag_fallbacks"] = s.curvature.diag_fallbacks
+            slots.append(entry)
+        return {
+            "format_version": FORMAT_VERSION,
+            "hf_kfac_version": __version__,
+            "prior": self.config.to_dict(),
+            "fisher": self.fisher.to_dict(),
+            "tasks": [asdict(t) for t in self.tasks],
+            "slots": slots,
+            "params": self.param_shapes,
+        }
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+        """Save as safetensors (sharded past ``max_shard_size``) plus ``prior_config.json``, atomically."""
+        return save_tensor_folder(folder, self.state_dict(), self.config_dict(), max_shard_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        model: nn.Module | None = None,
+    ) -> "Prior":
+        """Load a prior from a local folder, or from a Hub repo (``subfolder`` defaults to ``fisher``).
+
+        A local folder is tried first: the folder itself if it holds ``prior_config.json``,
+        else its ``subfolder``. Otherwise ``path_or_repo`` is a Hub repo id, downloaded with
+        ``huggingface_hub.snapshot_download`` restricted to the prior's JSON and safetensors
+        files, so caching, revisions, tokens and ``HF_HUB_OFFLINE`` behave as usual.
+        When ``model`` is given, the prior is checked against it.
+        """
+        from .hub import resolve_prior_folder
+
+        folder = resolve_prior_folder(
+            path_or_repo,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        prior = cls.load_folder(folder)
+        if model is not None:
+            prior.check_compatible(model)
+        return prior
+
+    @classmethod
+    def load_folder(cls, folder: str | os.PathLike) -> "Prior":
+        """Load and validate a local prior folder."""
+        folder = Path(folder)
+        cfg = read_config(folder)
+        version = cfg.get("format_version")
+        if not isinstance(version, int):
+            raise PriorFileError(f"{str(folder / PRIOR_CONFIG_NAME)!r} is corrupted: `format_version` is missing.")
+        if version > FORMAT_VERSION:
+            raise PriorFileError(
+                f"the prior in {str(folder)!r} has format version {version}, newer than this hf_kfac "
+                f"({__version__}) reads (version {FORMAT_VERSION}). Upgrade hf_kfac: pip install -U hf-kfac."
+            )
+        try:
+            prior = cls(PriorConfig(**cfg["prior"]), FisherConfig(**cfg["fisher"]))
+            prior.tasks = [TaskRecord(**t) for t in cfg["tasks"]]
+            prior.param_shapes = {k: list(v) for k, v in cfg["params"].items()}
+            slots_cfg = cfg["slots"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PriorFileError(f"{str(folder / PRIOR_CONFIG_NAME)!r} is corrupted or incomplete: {e}") from e
+        tensors = load_tensor_folder(folder, cfg)
+        check_finite(tensors, {torch.float32})
+        expected: set[str] = set()
+        for i, sc in enumerate(slots_cfg):
+            anchor = {p: _take(tensors, f"slots.{i}.anchor.{p}", prior.param_shapes.get(p), expected) for p in sc["anchor"]}
+            curv = None
+            if "kfac" in sc:
+                curv = Curvature(n_examples=int(sc.get("n_examples", 0)), diag_fallbacks=dict(sc.get("diag_fallbacks", {})))
+                for m, spec in sc["kfac"].items():
+                    wshape = prior.param_shapes.get(spec["weight"])
+                    if wshape is None or len(wshape) != 2:
+                        raise PriorFileError(f"the prior config lists K-FAC layer {m!r} without a 2-D weight shape.")
+                    d_in = wshape[1] + (1 if spec["bias"] is not None else 0)
+                    A = _take(tensors, f"slots.{i}.kfac.{m}.A", [d_in, d_in], expected)
+                    G = _take(tensors, f"slots.{i}.kfac.{m}.G", [wshape[0], wshape[0]], expected)
+                    curv.kfac[m] = KFACBlock(A, G, spec["weight"], spec["bias"])
+                for p in sc["diag"]:
+                    curv.diag[p] = _take(tensors, f"slots.{i}.diag.{p}", prior.param_shapes.get(p), expected)
+            prior.slots.append(_Slot(anchor, curv, float(sc["scale"]), list(sc["tasks"])))
+        extra = sorted(set(tensors) - expected)
+        if extra:
+            raise PriorFileError(f"tensor {extra[0]!r} in the prior files is not described by {PRIOR_CONFIG_NAME}.")
+        return prior
+
+
+def _take(tensors: dict[str, Tensor], key: str, shape: Iterable[int] | None, seen: set[str]) -> Tensor:
+    if key not in tensors:
+        raise PriorFileError(f"tensor {key!r} is described by {PRIOR_CONFIG_NAME} but missing from the prior files.")
+    t = tensors[key]
+    if shape is None or list(t.shape) != list(shape):
+        raise PriorFileError(f"tensor {key!r} has shape {list(t.shape)}, but the prior config implies {shape}.")
+    seen.add(key)
+    return t
+
+
+def damp_factors(A: Tensor, G: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """(A + π√δ I, G + √δ/π I) with π² = (tr A / d_A) / (tr G / d_G) (π = 1 if a trace is 0)."""
+    ta, tg = float(torch.trace(A)) / A.shape[0], float(torch.trace(G)) / G.shape[0]
+    pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+    r = math.sqrt(delta)
+    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    eye_g = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return A + (pi * r) * eye_a, G + (r / pi) * eye_g
