@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +117,7 @@ class ELTask:
         which = {"validation": "dev", "val": "dev"}.get(which, which)
         if which not in ("train", "dev", "test"):
             raise ValueError(f"unknown split {which!r}; use 'train', 'dev' or 'test'")
-        return getattr(self, which)
+        return {"train": self.train, "dev": self.dev, "test": self.test}[which]
 
     def subset(self, n_concepts: int | None, seed: int = 0, max_train: int | None = None) -> ELTask:
         """Deterministic sub-task on ``n_concepts`` concepts drawn with ``seed``.
@@ -302,7 +301,3 @@ def task_from_given_splits(
                   dev=_dedupe(splits.get("dev", [])), test=_dedupe(splits.get("test", [])),
                   dictionary=dictionary, meta=info)
 
-
-def count_by_concept(pairs: Iterable[Pair]) -> Counter[str]:
-    """Number of pairs per concept id."""
-    return Counter(c for _, c in pairs)
