@@ -61,6 +61,20 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def save_tensor_folder(
     folder: str | os.PathLike,
     tensors: dict[str, Tensor],
@@ -75,7 +89,8 @@ def save_tensor_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # clone: safetensors refuses tensors that share memory (e.g. one curvature added twice)
+        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
         split = split_torch_state_dict_into_shards(
             tensors, filename_pattern=PRIOR_WEIGHTS_PATTERN, max_shard_size=max_shard_size
         )

@@ -1,0 +1,134 @@
+"""Model cards that tell a model's task history, rendered with huggingface_hub's ModelCard."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .prior import Prior
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
+_PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+
+_PENALTY_TEXT = {
+    "kfac": "Kronecker-factored (K-FAC) Laplace",
+    "ewc": "diagonal Fisher (EWC)",
+    "l2": "L2-to-anchor",
+    "none": "no",
+}
+
+
+def _template() -> Path:
+    for path in (TEMPLATE_PATH, _PACKAGED_TEMPLATE):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"the model card template is missing (looked in {TEMPLATE_PATH}).")
+
+
+def accuracy_markdown(task_names: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> str:
+    """Markdown table of R[i][j] (accuracy on task j after training task i)."""
+    head = "| after \\ on | " + " | ".join(task_names) + " |"
+    sep = "|---|" + "---:|" * len(task_names)
+    rows = [
+        f"| {task_names[i] if i < len(task_names) else i} | "
+        + " | ".join("–" if v is None else f"{v:.3f}" for v in row)
+        + " |"
+        for i, row in enumerate(matrix)
+    ]
+    return "\n".join([head, sep, *rows])
+
+
+def forgetting_markdown(task_names: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> str:
+    """Per-task forgetting max_{i<last} R[i][j] − R[last][j], for all but the last task."""
+    if len(matrix) < 2:
+        return ""
+    last = matrix[-1]
+    cells = []
+    for j in range(min(len(task_names), len(last)) - 1):
+        earlier = [row[j] for row in matrix[:-1] if j < len(row) and row[j] is not None]
+        if earlier and last[j] is not None:
+            cells.append(f"| {task_names[j]} | {max(earlier) - last[j]:+.3f} |")
+    if not cells:
+        return ""
+    return "\n".join(["| task | forgetting |", "|---|---:|", *cells])
+
+
+def render_model_card(
+    prior: Prior,
+    *,
+    repo_id: str = "<your-org>/<this-model>",
+    model_name: str | None = None,
+    base_model: str | None = None,
+    penalty: str | None = None,
+    prior_subfolder: str = "fisher",
+    accuracy: Sequence[Sequence[float | None]] | None = None,
+    task_names: Sequence[str] | None = None,
+    tags: Sequence[str] = (),
+    language: str | list[str] | None = "en",
+    license: str | None = None,
+    datasets: Sequence[str] | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Render ``model_cards/template.md`` for a model and its prior.
+
+    The task table comes from the prior's history (each task's metadata may hold
+    ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] if known.
+    """
+    tasks = []
+    for t in prior.tasks:
+        md = t.metadata or {}
+        fisher = t.fisher or {}
+        tasks.append(
+            {
+                "name": t.name,
+                "n_examples": t.n_examples,
+                "date": t.date[:10],
+                "penalty": md.get("penalty", penalty or "–"),
+                "lam": md.get("lambda", "–"),
+                "fisher_type": fisher.get("fisher_type", "–"),
+                "shape": fisher.get("shape", "–"),
+                "kfac_approx": fisher.get("kfac_approx", "–") if fisher.get("shape") == "kfac" else "–",
+            }
+        )
+    pen = penalty or (tasks[-1]["penalty"] if tasks else str(prior.config.shape))
+    pen = {"identity": "l2", "diag": "ewc"}.get(pen, pen)
+    names = list(task_names or [t.name for t in prior.tasks])
+    card_data = ModelCardData(
+        library_name="hf_kfac",
+        base_model=base_model,
+        tags=sorted({"hf_kfac", "continual-learning", pen, *tags} - {"–"}),
+        language=language,
+        license=license,
+        datasets=list(datasets) if datasets else None,
+        **(extra_metadata or {}),
+    )
+    last_lambda = next((t["lam"] for t in reversed(tasks) if t["lam"] != "–"), 1.0)
+    prior_info = dict(prior.config.to_dict(), penalty=pen)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(_template()),
+        model_name=model_name or repo_id.split("/")[-1],
+        repo_id=repo_id,
+        base_model=base_model,
+        penalty_description=_PENALTY_TEXT.get(pen, pen),
+        prior_subfolder=prior_subfolder,
+        tasks=tasks,
+        prior=prior_info,
+        last_lambda=last_lambda,
+        accuracy_table=accuracy_markdown(names, accuracy) if accuracy else "",
+        forgetting_table=forgetting_markdown(names, accuracy) if accuracy else "",
+    )
+
+
+def save_model_card(folder: str | os.PathLike, prior: Prior, **kwargs: Any) -> Path:
+    """Render the card and write ``README.md`` into ``folder`` (atomically)."""
+    from .serialization import write_text_atomic
+
+    card = render_model_card(prior, **kwargs)
+    path = Path(folder) / "README.md"
+    write_text_atomic(path, str(card))
+    return path

@@ -1,0 +1,41 @@
+"""The model card records the task history and parses back as a valid Hub card."""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub import ModelCard
+from torch import nn
+
+from hf_kfac import Curvature, Prior
+from hf_kfac.model_card import render_model_card, save_model_card
+
+
+def _prior() -> Prior:
+    model = nn.Linear(3, 2)
+    prior = Prior(shape="diag", accumulation="merge")
+    for name, n, lam in [("diseases", 120, 0.5), ("drugs", 80, 0.7)]:
+        curv = Curvature(diag={k: torch.ones_like(p) for k, p in model.named_parameters()}, n_examples=n)
+        prior.add_task(model, curv, name, metadata={"penalty": "ewc", "lambda": lam})
+    return prior
+
+
+def test_card_tells_the_task_history_and_how_to_continue(tmp_path) -> None:
+    prior = _prior()
+    card = render_model_card(
+        prior,
+        repo_id="org/el-demo",
+        base_model="sentence-transformers/all-MiniLM-L6-v2",
+        accuracy=[[0.8, None], [0.7, 0.6]],
+        tags=["entity-linking"],
+    )
+    text = str(card)
+    parsed = ModelCard(text)
+    assert parsed.data.library_name == "hf_kfac"
+    assert parsed.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert {"hf_kfac", "continual-learning", "ewc", "entity-linking"} <= set(parsed.data.tags)
+    assert "| 1 | diseases | 120 |" in text and "| 2 | drugs | 80 |" in text
+    assert "| 0.7 |" in text  # λ of the last task
+    assert "| diseases | +0.100 |" in text  # forgetting 0.8 - 0.7
+    assert 'prior="org/el-demo"' in text and "penalty_lambda=0.7" in text
+    path = save_model_card(tmp_path, prior, repo_id="org/el-demo")
+    assert ModelCard.load(path).data.library_name == "hf_kfac"
