@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .serialization import PRIOR_CONFIG_NAME, PriorFileError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PRIOR_SUBFOLDER = "fisher"
 
@@ -76,9 +79,33 @@ def _download(repo_id: str, sub: str, revision: str | None, token: str | bool | 
     except HfHubHTTPError as e:
         raise PriorFileError(f"downloading the prior of {repo_id!r} failed: {type(e).__name__}.") from e
     folder = Path(root) / sub if sub else Path(root)
+    if not local_files_only and (folder / PRIOR_CONFIG_NAME).is_file():
+        _warn_if_no_model(repo_id, revision, token, sub)
     if not (folder / PRIOR_CONFIG_NAME).is_file():
         raise PriorFileError(
             f"Hub repo {repo_id!r} (revision {revision or 'main'}) holds no hf_kfac prior in {sub + '/' if sub else 'its root'}: "
             "it was pushed without consolidation. Push it again after trainer.consolidate(), or start a new prior."
         )
     return folder
+
+
+def _warn_if_no_model(repo_id: str, revision: str | None, token: str | bool | None, sub: str) -> None:
+    """Warn when a repo holds a prior but no model weights at the same revision."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision, token=token)
+    except (HfHubHTTPError, OSError):  # offline or flaky: the prior itself is fine
+        return
+    has_weights = any(
+        f.endswith((".safetensors", ".bin")) and not f.startswith(f"{sub}/") and "/" not in f for f in files
+    )
+    if not has_weights:
+        logger.warning(
+            "Hub repo %r (revision %s) holds an hf_kfac prior but no model weights: the prior's anchors "
+            "belong to a model that was not pushed. Push the model with its prior (trainer.push_to_hub()), "
+            "or load the consolidated model from where it was saved.",
+            repo_id,
+            revision or "main",
+        )

@@ -245,3 +245,12 @@ def test_mc_kfac_converges_to_exact() -> None:
         rel = (mc.kfac[name].G - blk.G).norm() / blk.G.norm()
         assert rel < 0.08, (name, rel)
         torch.testing.assert_close(mc.kfac[name].A, blk.A)
+
+
+def test_exact_fisher_refuses_huge_label_spaces() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 25_000)
+    batch = {"x": torch.randn(2, 4)}
+    fn = lambda m, b: PredictiveOutput(m(b["x"]))  # noqa: E731
+    with pytest.raises(ValueError, match="25000 classes.*fisher_type='mc'"):
+        estimate_fisher(model, [batch], shape="diag", fisher_type="exact", predictive_fn=fn, progress=False)

@@ -95,3 +95,20 @@ def test_cut_off_download_never_yields_a_half_written_prior(hub_server, tmp_path
     loaded = Prior.from_pretrained(repo, model=model)
     for k, v in prior.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def test_prior_without_model_is_explained(hub_server, tmp_path: Path, caplog) -> None:
+    _, prior, folder = _model_and_prior(tmp_path)
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = api.create_repo("org/prior-only").repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder / "fisher"), path_in_repo="fisher")
+    with caplog.at_level("WARNING", logger="hf_kfac.hub"):
+        loaded = Prior.from_pretrained(repo)
+    assert loaded.num_tasks == 1
+    assert "holds an hf_kfac prior but no model weights" in caplog.text
+    caplog.clear()
+    full = api.create_repo("org/with-model").repo_id
+    api.upload_folder(repo_id=full, folder_path=str(folder))
+    with caplog.at_level("WARNING", logger="hf_kfac.hub"):
+        Prior.from_pretrained(full)
+    assert "no model weights" not in caplog.text

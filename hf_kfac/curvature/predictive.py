@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..enums import FisherType, Likelihood
 
 IGNORE_INDEX = -100
+MAX_EXACT_PASSES = 20_000  # backward passes per batch that fisher_type="exact" may take
 
 
 @dataclass
@@ -181,6 +182,14 @@ def output_vectors(
             "the empirical Fisher needs the true labels, but the batch has none: add `labels` "
             "to the batch or use fisher_type='mc'."
         )
+    if fisher_type == FisherType.EXACT:
+        passes = int(mask.any(0).sum()) * c
+        if passes > MAX_EXACT_PASSES:
+            raise ValueError(
+                f"the exact Fisher of this batch needs {passes} backward passes ({c} classes x "
+                f"{int(mask.any(0).sum())} output positions), more than {MAX_EXACT_PASSES}. "
+                "Use fisher_type='mc' (unbiased, 1 pass per sample) for large label spaces."
+            )
     if likelihood == Likelihood.CATEGORICAL:
         probs = torch.softmax(z, dim=-1)
         if fisher_type == FisherType.EMPIRICAL:
