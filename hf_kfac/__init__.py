@@ -1,13 +1,33 @@
 """hf_kfac: continual fine-tuning of Hugging Face models with EWC and K-FAC Laplace priors."""
 
+from typing import TYPE_CHECKING, Any
+
 from .curvature import Curvature, FisherConfig, KFACBlock, PredictiveOutput, estimate_fisher
 from .enums import Accumulation, FisherType, KFACApprox, Likelihood, PenaltyType, Shape, StorageFormat, TaskWeighting
 from .prior import Prior, PriorConfig, TaskRecord
 from .serialization import PriorFileError
 from .version import __version__
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .trainer import ContinualTrainer
+    from .trainer_config import ContinualConfig
+
+_LAZY = {"ContinualTrainer": ".trainer", "ContinualConfig": ".trainer_config"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the trainer on first use, so that ``import hf_kfac`` does not load ``transformers.Trainer``."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Accumulation",
+    "ContinualConfig",
+    "ContinualTrainer",
     "Curvature",
     "FisherConfig",
     "FisherType",
@@ -19,9 +39,9 @@ __all__ = [
     "Prior",
     "PriorConfig",
     "PriorFileError",
-    "TaskRecord",
     "Shape",
     "StorageFormat",
+    "TaskRecord",
     "TaskWeighting",
     "__version__",
     "estimate_fisher",

@@ -1,0 +1,106 @@
+"""ContinualConfig: defaults, the mapping onto the core configs, CLI parsing and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_kfac import FisherConfig, PriorConfig
+from hf_kfac.enums import Accumulation, FisherType, KFACApprox, PenaltyType, Shape, TaskWeighting
+from hf_kfac.trainer_config import ContinualConfig
+
+
+def _cfg(**kw) -> ContinualConfig:
+    return ContinualConfig(output_dir="out", use_cpu=True, report_to="none", **kw)
+
+
+def test_is_training_arguments_with_documented_fields() -> None:
+    cfg = _cfg()
+    assert isinstance(cfg, TrainingArguments)
+    assert cfg.penalty == PenaltyType.KFAC and cfg.penalty_lambda == 1.0
+    assert cfg.fisher_type == FisherType.MC and cfg.kfac_approx == KFACApprox.EXPAND
+    assert cfg.prior_subfolder == "fisher" and cfg.fisher_exclude == []
+    fields = ContinualConfig.__dataclass_fields__
+    for name in (
+        "penalty", "penalty_lambda", "fisher_type", "kfac_approx", "fisher_n_samples", "prior_damping",
+        "prior_accumulation", "prior_decay", "prior_task_weighting", "fisher_max_examples", "fisher_max_batches",
+        "fisher_batch_size", "fisher_exclude", "fisher_force_diag", "kfac_max_factor_ratio", "prior_subfolder",
+    ):
+        assert fields[name].metadata.get("help"), name
+    assert _cfg(penalty="none").penalty_lambda == 0.0
+
+
+def test_maps_onto_the_core_configs() -> None:
+    cfg = _cfg(
+        penalty="ewc", fisher_type="exact", fisher_n_samples=3, kfac_approx="reduce", fisher_exclude="a.*, *.b",
+        fisher_force_diag=["cls*"], kfac_max_factor_ratio=4.0, fisher_max_batches=7, seed=11,
+        prior_accumulation="merge", prior_decay=0.5, prior_task_weighting="uniform", prior_damping=1e-3,
+    )
+    f = cfg.to_fisher_config()
+    assert isinstance(f, FisherConfig)
+    assert (f.shape, f.fisher_type, f.n_samples, f.kfac_approx) == (Shape.DIAG, FisherType.EXACT, 3, KFACApprox.REDUCE)
+    assert f.exclude == ["a.*", "*.b"] and f.force_diag == ["cls*"] and f.max_factor_ratio == 4.0
+    assert f.max_batches == 7 and f.seed == 11
+    p = cfg.to_prior_config()
+    assert isinstance(p, PriorConfig)
+    assert (p.shape, p.accumulation, p.decay, p.task_weighting, p.damping) == (
+        Shape.DIAG, Accumulation.MERGE, 0.5, TaskWeighting.UNIFORM, 1e-3,
+    )
+    default = _cfg(penalty="l2").to_prior_config()
+    assert default.shape == Shape.IDENTITY and default.accumulation == Accumulation.SEPARATE
+    assert default.decay == 1.0 and default.task_weighting == TaskWeighting.DATA_SIZE and default.damping == 0.0
+    assert _cfg(penalty="kfac").to_fisher_config().shape == Shape.KFAC
+    with pytest.raises(ValueError, match="estimates no Fisher"):
+        _cfg(penalty="l2").to_fisher_config()
+    with pytest.raises(ValueError, match="keeps no prior"):
+        _cfg(penalty="none").to_prior_config()
+
+
+def test_parses_from_the_command_line_and_serialises() -> None:
+    (cfg,) = HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--use_cpu", "true", "--penalty", "ewc", "--penalty_lambda", "0.25",
+         "--fisher_exclude", "a*", "b*", "--prior_accumulation", "merge", "--fisher_max_examples", "10"]
+    )
+    assert cfg.penalty == "ewc" and cfg.penalty_lambda == 0.25 and cfg.fisher_exclude == ["a*", "b*"]
+    assert cfg.prior_accumulation == "merge" and cfg.fisher_max_examples == 10 and cfg.prior_decay is None
+    d = json.loads(cfg.to_json_string())
+    assert d["penalty"] == "ewc" and d["prior_accumulation"] == "merge"
+    with pytest.raises(SystemExit):
+        HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(["--output_dir", "o", "--penalty", "lasso"])
+
+
+@pytest.mark.parametrize(
+    "kw,field,hint",
+    [
+        (dict(penalty="none", penalty_lambda=0.5), "penalty_lambda=0.5", "penalty='none'"),
+        (dict(penalty_lambda=-1.0), "penalty_lambda=-1.0", ">= 0"),
+        (dict(penalty_lambda=float("nan")), "penalty_lambda=nan", "finite"),
+        (dict(penalty_lambda=True), "penalty_lambda=True", "float"),
+        (dict(penalty="lasso"), "penalty='lasso'", "'none', 'l2', 'ewc', 'kfac'"),
+        (dict(fisher_type="fancy"), "fisher_type='fancy'", "'mc', 'empirical', 'exact'"),
+        (dict(kfac_approx="squeeze"), "kfac_approx='squeeze'", "'expand', 'reduce'"),
+        (dict(prior_accumulation="sum"), "prior_accumulation='sum'", "'separate', 'merge'"),
+        (dict(prior_task_weighting="size"), "prior_task_weighting='size'", "'data_size', 'uniform'"),
+        (dict(fisher_n_samples=0), "fisher_n_samples=0", ">= 1"),
+        (dict(fisher_max_examples=0), "fisher_max_examples=0", ">= 1"),
+        (dict(fisher_max_batches=-2), "fisher_max_batches=-2", ">= 1"),
+        (dict(fisher_batch_size=1.5), "fisher_batch_size=1.5", "integer"),
+        (dict(kfac_max_factor_ratio=0), "kfac_max_factor_ratio=0", "> 0"),
+        (dict(prior_damping=-1e-3), "prior_damping=-0.001", ">= 0"),
+        (dict(prior_decay=0.0), "prior_decay=0.0", "(0, 1]"),
+        (dict(prior_decay=1.5), "prior_decay=1.5", "(0, 1]"),
+        (dict(fisher_exclude=[3]), "fisher_exclude=[3]", "patterns"),
+        (dict(prior_subfolder=""), "prior_subfolder=''", "non-empty"),
+        (dict(prior_subfolder="../up"), "prior_subfolder='../up'", "relative"),
+        (dict(prior_subfolder="/abs"), "prior_subfolder='/abs'", "relative"),
+        (dict(prior_subfolder="_fisher"), "prior_subfolder='_fisher'", "Hub uploads"),
+        (dict(prior_subfolder="checkpoint-3"), "prior_subfolder='checkpoint-3'", "collide"),
+    ],
+)
+def test_bad_values_fail_naming_field_value_and_fix(kw: dict, field: str, hint: str) -> None:
+    with pytest.raises(ValueError) as e:
+        _cfg(**kw)
+    msg = str(e.value)
+    assert field in msg and hint in msg, msg
