@@ -77,7 +77,40 @@ def _flatten_positions(x: Tensor, n: int) -> Tensor:
     return x.reshape(n, -1, x.shape[-1]).float()
 
 
+_GRAM_BLOCK = 384  # column block of the upper-triangular Gram products
+_GRAM_MIN_DIM = 1024  # below this one full product is faster than blocks
+
+
+def _gram_cuts(d: int) -> list[int]:
+    nb = 1 if d < _GRAM_MIN_DIM else min(4, d // _GRAM_BLOCK)
+    return [d * i // nb for i in range(nb + 1)]
+
+
+def gram_upper_(out: Tensor, x: Tensor, alpha: float = 1.0) -> Tensor:
+    """out += alpha·xᵀx on and above the diagonal (the rest of ``out`` is left unspecified).
+
+    xᵀx is symmetric, so for a wide x only the upper blocks of the column partition are
+    formed: with 4 blocks that is 10 of 16 block products (the diagonal blocks are
+    computed in full). :func:`symmetric_from_upper` completes the matrix once at the end.
+    """
+    cuts = _gram_cuts(x.shape[1])
+    for i in range(len(cuts) - 1):
+        lo, hi = cuts[i], cuts[i + 1]
+        out[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:], alpha=alpha)
+    return out
+
+
+def symmetric_from_upper(x: Tensor, scale: float = 1.0) -> Tensor:
+    """scale·(triu(x) + triu(x, 1)ᵀ): the symmetric matrix whose upper triangle is that of ``x``."""
+    y = torch.triu(x)
+    if x.shape[0] > 1:
+        y += torch.triu(x, 1).T
+    return y.mul_(scale)
+
+
 class _KFACLinear(_Handler):
+    """Accumulates A and G of one Linear; both are kept valid on and above the diagonal only."""
+
     def __init__(self, name: str, module: nn.Linear, weight: str, bias: str | None, approx: KFACApprox):
         super().__init__(name, module)
         self.weight, self.bias, self.approx = weight, bias, approx
@@ -87,37 +120,40 @@ class _KFACLinear(_Handler):
         self.G = torch.zeros(module.out_features, module.out_features, dtype=torch.float32, device=dev)
         self.a_count = torch.zeros((), dtype=torch.float64, device=dev)
 
-    def _inputs(self, call: _Call) -> Tensor:
-        n = call.mask.shape[0]
-        a = _flatten_positions(call.inp, n)
-        if self.bias is not None:
-            a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        return a
-
     def on_forward(self, call: _Call, cache: dict) -> None:
-        key = (call.inp.data_ptr(), tuple(call.inp.shape), self.bias is not None, call.mask.data_ptr())
+        # q/k/v (and any modules fed the same tensor) share one computation of the input statistics
+        key = (call.inp.data_ptr(), tuple(call.inp.shape), call.inp.dtype, call.mask.data_ptr(), self.approx)
         if key not in cache:
-            a = self._inputs(call)
+            n = call.mask.shape[0]
+            a = _flatten_positions(call.inp, n)
             m = call.mask
             if self.approx == KFACApprox.EXPAND:
-                av = a[m]
-                cache[key] = (av.T @ av, float(av.shape[0]))
+                av = a[m] if not bool(m.all()) else a.reshape(-1, a.shape[-1])
             else:
                 mf = m.unsqueeze(-1).float()
-                abar = (a * mf).sum(1) / mf.sum(1).clamp_min(1.0)
-                cache[key] = (abar.T @ abar, float(abar.shape[0]))
-        aat, count = cache[key]
-        self.A += aat
+                av = (a * mf).sum(1) / mf.sum(1).clamp_min(1.0)
+            d = av.shape[1]
+            aat = gram_upper_(torch.zeros(d, d, dtype=torch.float32, device=av.device), av)
+            # the bias column of A: Σ ā (the constant input 1 times the inputs) and the count
+            cache[key] = (aat, av.sum(0), float(av.shape[0]))
+        aat, asum, count = cache[key]
+        d = aat.shape[0]
+        if self.bias is not None:
+            self.A[:d, :d] += aat
+            self.A[:d, d] += asum
+            self.A[d, d] += count
+        else:
+            self.A += aat
         self.a_count += count
 
     def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
         n = call.mask.shape[0]
         g = _flatten_positions(g, n)
         if self.approx == KFACApprox.EXPAND:
-            gv = g[call.mask]
+            gv = g[call.mask] if not bool(call.mask.all()) else g.reshape(-1, g.shape[-1])
         else:
             gv = (g * call.mask.unsqueeze(-1)).sum(1)
-        self.G.addmm_(gv.T, gv, alpha=w)
+        gram_upper_(self.G, gv, alpha=w)
 
     def tensors(self) -> list[Tensor]:
         return [self.A, self.G, self.a_count]
@@ -304,12 +340,12 @@ class _Estimator:
         uniq, inv = torch.unique(key, return_inverse=True)
         summed = torch.zeros(uniq.numel(), rows.shape[-1], dtype=torch.float32, device=rows.device)
         summed.index_add_(0, inv, rows)
-        sq = torch.zeros(tuple(self.params[pname].shape), dtype=torch.float32, device=rows.device)
-        sq.index_add_(0, uniq % vocab, summed.square())
-        if pname in self.acc.sq:
-            self.acc.sq[pname].add_(sq, alpha=w)
-        else:
-            self.acc.sq[pname] = sq.mul_(w)
+        # scatter straight into the accumulator: a vocabulary-sized temporary per batch would
+        # cost more than the rows themselves
+        sq = self.acc.sq.get(pname)
+        if sq is None:
+            sq = self.acc.sq[pname] = torch.zeros(tuple(self.params[pname].shape), dtype=torch.float32, device=rows.device)
+        sq.index_add_(0, uniq % vocab, summed.square(), alpha=w)
 
     def flush_shared(self, w: float) -> None:
         """Square the per-example buffers of shared parameters after one backward vector."""
@@ -331,9 +367,9 @@ class _Estimator:
         curv = Curvature(n_examples=int(round(n_examples)), diag_fallbacks=dict(self.diag_fallbacks))
         for mname, h in self.handlers.items():
             if isinstance(h, _KFACLinear):
-                A = h.A / h.a_count.clamp_min(1).float()
-                G = h.G / n_examples
-                curv.kfac[mname] = KFACBlock(_sym(A), _sym(G), h.weight, h.bias)
+                A = symmetric_from_upper(h.A, 1.0 / float(h.a_count.clamp_min(1)))
+                G = symmetric_from_upper(h.G, 1.0 / n_examples)
+                curv.kfac[mname] = KFACBlock(A, G, h.weight, h.bias)
         for pname in sorted(self.acc.sq):
             if not self._in_kfac(pname):
                 curv.diag[pname] = self.acc.sq[pname] / n_examples
@@ -344,11 +380,6 @@ class _Estimator:
             if isinstance(h, _KFACLinear) and pname in (h.weight, h.bias):
                 return True
         return False
-
-
-def _sym(x: Tensor) -> Tensor:
-    """(X + Xᵀ)/2: removes round-off asymmetry."""
-    return (x + x.T) / 2
 
 
 def _position_masks(batch: Any) -> list[Tensor]:
@@ -480,10 +511,12 @@ def estimate_fisher(
     fallback_names = list(est.fallback_params)
     try:
         total = None
-        if hasattr(dataloader, "__len__"):
+        try:
             total = len(dataloader)  # type: ignore[arg-type]
-            if config.max_batches is not None:
-                total = min(total, config.max_batches)
+        except TypeError:  # iterable datasets have no length
+            total = None
+        if total is not None and config.max_batches is not None:
+            total = min(total, config.max_batches)
         bar = tqdm(
             dataloader,
             total=total,
