@@ -57,6 +57,18 @@ def forgetting_markdown(task_names: Sequence[str], matrix: Sequence[Sequence[flo
     return "\n".join(["| task | forgetting |", "|---|---:|", *cells])
 
 
+def accuracy_from_history(prior: Prior) -> list[list[float | None]] | None:
+    """R[i][j] from each task's ``metadata["accuracy"]`` ({task name: accuracy after task i})."""
+    rows = []
+    names = [t.name for t in prior.tasks]
+    for t in prior.tasks:
+        acc = (t.metadata or {}).get("accuracy")
+        if not isinstance(acc, dict):
+            return None
+        rows.append([acc.get(n) if isinstance(acc.get(n), (int, float)) else None for n in names])
+    return rows or None
+
+
 def render_model_card(
     prior: Prior,
     *,
@@ -76,7 +88,8 @@ def render_model_card(
     """Render ``model_cards/template.md`` for a model and its prior.
 
     The task table comes from the prior's history (each task's metadata may hold
-    ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] if known.
+    ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] (accuracy on task j after
+    task i), taken from the tasks' ``metadata["accuracy"]`` dicts when not given.
     """
     tasks = []
     for t in prior.tasks:
@@ -94,9 +107,11 @@ def render_model_card(
                 "kfac_approx": fisher.get("kfac_approx", "–") if fisher.get("shape") == "kfac" else "–",
             }
         )
+    names = list(task_names or [t.name for t in prior.tasks])
+    if accuracy is None:
+        accuracy = accuracy_from_history(prior)
     pen = penalty or (tasks[-1]["penalty"] if tasks else str(prior.config.shape))
     pen = {"identity": "l2", "diag": "ewc"}.get(pen, pen)
-    names = list(task_names or [t.name for t in prior.tasks])
     card_data = ModelCardData(
         library_name="hf_kfac",
         base_model=base_model,

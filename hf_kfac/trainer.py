@@ -740,7 +740,7 @@ class ContinualTrainer(Trainer):
             self.prior,
             repo_id=repo_id,
             model_name=model_name,
-            base_model=finetuned_from,
+            base_model=finetuned_from or _hub_name_of(self._unwrapped()),
             penalty=str(self.args.penalty),
             prior_subfolder=self.args.prior_subfolder,
             tags=[tags] if isinstance(tags, str) else list(tags or []),
@@ -749,3 +749,11 @@ class ContinualTrainer(Trainer):
             **extra,
         )
 
+
+
+def _hub_name_of(model: nn.Module) -> str | None:
+    """The Hub id the model was loaded from, or None for local folders and models built in code."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return None
+    return name

@@ -39,3 +39,14 @@ def test_card_tells_the_task_history_and_how_to_continue(tmp_path) -> None:
     assert 'prior="org/el-demo"' in text and "penalty_lambda=0.7" in text
     path = save_model_card(tmp_path, prior, repo_id="org/el-demo")
     assert ModelCard.load(path).data.library_name == "hf_kfac"
+
+
+def test_accuracy_matrix_comes_from_the_task_history() -> None:
+    model = nn.Linear(3, 2)
+    prior = Prior(shape="diag")
+    for name, acc in [("A", {"A": 0.9}), ("B", {"A": 0.6, "B": 0.8})]:
+        curv = Curvature(diag={k: torch.ones_like(p) for k, p in model.named_parameters()}, n_examples=5)
+        prior.add_task(model, curv, name, metadata={"accuracy": acc})
+    text = str(render_model_card(prior, repo_id="org/x"))
+    assert "| A | 0.900 | – |" in text and "| B | 0.600 | 0.800 |" in text
+    assert "| A | +0.300 |" in text
