@@ -2,9 +2,10 @@
 
 Back-propagating through the quadratic form would build a graph of the matmuls at every
 training step. Instead :class:`QuadraticPenalty` computes, once per step and without a
-graph, M = ∂/∂θ ½ΔᵀFΔ = FΔ for every term (G̃ ΔW̃ Ã for a K-FAC block: two matmuls)
-and the value ½⟨Δ, M⟩, and returns λ·M as the gradient in backward. Terms whose Δ is
-exactly zero (the first step after consolidation) are skipped.
+graph, M = ∂/∂θ ½ΔᵀFΔ = FΔ for every term (G̃ ΔW̃ Ã for a K-FAC block: two matmuls,
+or four thin ones for compact factors, see :class:`FactorOp`) and the value ½⟨Δ, M⟩, and
+returns λ·M as the gradient in backward. Terms whose Δ is exactly zero (the first step
+after consolidation) are skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+
+def _delta(w: Tensor, b: Tensor | None, anchor: Tensor) -> Tensor:
+    """ΔW̃ = [W − W*, b − b*] in float32."""
+    wt = w.detach()
+    if b is not None:
+        wt = torch.cat([wt, b.detach().unsqueeze(1)], dim=1)
+    return wt.float() - anchor
+
+
+def _split(m: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
+    if not has_bias:
+        return m, None
+    return m[:, :-1], m[:, -1]
 
 
 @dataclass
@@ -27,17 +42,75 @@ class KFACTerm:
 
     def apply(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """Return (value, ∂/∂W, ∂/∂b), or None when ΔW̃ = 0."""
-        wt = w.detach().float()
-        if b is not None:
-            wt = torch.cat([wt, b.detach().float().unsqueeze(1)], dim=1)
-        delta = wt - self.anchor
+        delta = _delta(w, b, self.anchor)
         if not torch.any(delta):
             return None
-        m = self.G @ delta @ self.A
-        value = 0.5 * torch.sum(delta * m)
-        if b is None:
-            return value, m, None
-        return value, m[:, :-1], m[:, -1]
+        m = self.G @ (delta @ self.A)
+        value = 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1))
+        return (value, *_split(m, b is not None))
+
+
+@dataclass
+class FactorOp:
+    """A Kronecker factor F = U diag(w) Uᵀ + diag(r) (low rank) or a dense matrix, applied to ΔW̃.
+
+    Exactly one of ``dense`` and ``(U, w, r)`` is set. Applying the low-rank form to a
+    d_out × d_in matrix costs 4·d_out·d_in·k flops against 2·d_out·d_in·d for the dense one.
+    The matrix products run in the dtype of ``U`` (or ``dense``): float32, or bfloat16 where
+    the hardware has fast bf16 products (inputs are rounded to bf16, products accumulate in
+    float32, the diagonal part and the result stay float32).
+    """
+
+    dense: Tensor | None = None
+    U: Tensor | None = None
+    w: Tensor | None = None
+    r: Tensor | None = None
+
+    @property
+    def _lowp(self) -> bool:
+        return (self.dense if self.dense is not None else self.U).dtype != torch.float32
+
+    def right(self, x: Tensor) -> Tensor:
+        """x F (F acts on rows: the input side)."""
+        if self.dense is not None:
+            return (x.to(self.dense.dtype) @ self.dense).float() if self._lowp else x @ self.dense
+        if not self._lowp:
+            return torch.addmm(x * self.r, (x @ self.U) * self.w, self.U.T)
+        p = (x.to(self.U.dtype) @ self.U).float().mul_(self.w).to(self.U.dtype)
+        return (x * self.r).add_((p @ self.U.T).float())
+
+    def left(self, x: Tensor) -> Tensor:
+        """F x (F acts on columns: the output side)."""
+        if self.dense is not None:
+            return (self.dense @ x.to(self.dense.dtype)).float() if self._lowp else self.dense @ x
+        if not self._lowp:
+            return torch.addmm(x * self.r.unsqueeze(1), self.U, (self.U.T @ x) * self.w.unsqueeze(1))
+        p = (self.U.T @ x.to(self.U.dtype)).float().mul_(self.w.unsqueeze(1)).to(self.U.dtype)
+        return (x * self.r.unsqueeze(1)).add_((self.U @ p).float())
+
+    def scaled(self, c: float) -> "FactorOp":
+        if self.dense is not None:
+            return FactorOp(dense=self.dense * c)
+        return FactorOp(U=self.U, w=self.w * c, r=self.r * c)
+
+
+@dataclass
+class CompactKFACTerm:
+    """½ ⟨ΔW̃, G̃ ΔW̃ Ã⟩ with factors in compact (low rank + diagonal) or dense form."""
+
+    weight: str
+    bias: str | None
+    anchor: Tensor
+    A: FactorOp
+    G: FactorOp
+
+    def apply(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        delta = _delta(w, b, self.anchor)
+        if not torch.any(delta):
+            return None
+        m = self.G.left(self.A.right(delta))
+        value = 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1))
+        return (value, *_split(m, b is not None))
 
 
 @dataclass
@@ -54,7 +127,7 @@ class DiagTerm:
         if not torch.any(delta):
             return None
         m = self.d * delta
-        return 0.5 * torch.sum(delta * m), m
+        return 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1)), m
 
 
 class _PenaltyFunction(torch.autograd.Function):
@@ -94,9 +167,11 @@ class _PenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         out = []
+        scale = grad_out * ctx.lam
         for name, dtype in zip(ctx.names, ctx.dtypes):
             g = ctx.grads.get(name)
-            out.append(None if g is None else (grad_out * ctx.lam * g).to(dtype))
+            # the buffers were made in forward for this call only: scale them in place
+            out.append(None if g is None else g.mul_(scale).to(dtype))
         ctx.grads = None
         return (None, None, None, *out)
 
@@ -104,7 +179,7 @@ class _PenaltyFunction(torch.autograd.Function):
 class QuadraticPenalty:
     """A prepared set of penalty terms on one device; call it with the model's parameters."""
 
-    def __init__(self, kfac: list[KFACTerm], diag: list[DiagTerm]) -> None:
+    def __init__(self, kfac: list[KFACTerm | CompactKFACTerm], diag: list[DiagTerm]) -> None:
         self.kfac = kfac
         self.diag = diag
         names: list[str] = []

@@ -3,8 +3,11 @@
 Data (stdlib only, imported here): :class:`ELTask`, :func:`build_task`,
 :func:`load_builtin_task` ("diseases"/"drugs"/"phenotypes", aliases A/B/C),
 :func:`load_task_from_files`, :func:`load_bigbio_kb`, :func:`normalization_key`.
-Metrics (torch/numpy) live in :mod:`hf_kfac.el.metrics` and are imported on first
-attribute access, so ``import hf_kfac.el`` stays light (no torch, no transformers).
+Metrics (torch/numpy) live in :mod:`hf_kfac.el.metrics`; models (:class:`ELClassifier`,
+:class:`ELBiEncoder`, :func:`load_el_model`, predictive functions) in :mod:`hf_kfac.el.models`;
+evaluation (:func:`evaluate_task`, forgetting) in :mod:`hf_kfac.el.evaluation`; datasets and
+collators in :mod:`hf_kfac.el.collate`. They are imported on first attribute access, so
+``import hf_kfac.el`` stays light (no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -23,10 +26,21 @@ _METRICS = {
     "ranks_from_predictions", "hits_at_k", "bootstrap_ci", "paired_bootstrap",
 }
 
+_MODELS = {
+    "ELClassifier", "ELBiEncoder", "ELModelConfig", "load_el_model", "build_el_model", "default_encoder_path",
+    "classifier_predictive_fn", "biencoder_predictive_fn", "predictive_fn_for",
+}
+_EVALUATION = {
+    "TaskEval", "evaluate_task", "evaluate_classifier", "evaluate_biencoder", "encode_dictionary", "forgetting",
+    "sequence_metrics", "bootstrap_sequence_metrics",
+}
+_COLLATE = {"ELCollator", "classifier_dataset", "pair_dataset"}
+
 __all__ = [
     "BUILTIN_TASKS", "ELTask", "build_task", "split_of_key", "load_builtin_task",
     "load_task_from_files", "load_bigbio_kb", "normalization_key", "DataOnlyUnpickler",
-    "UnsafePickleError", "load_data_pickle", *sorted(_METRICS),
+    "UnsafePickleError", "load_data_pickle", *sorted(_METRICS), *sorted(_MODELS), *sorted(_EVALUATION),
+    *sorted(_COLLATE),
 ]
 
 
@@ -36,4 +50,16 @@ def __getattr__(name: str) -> Any:
         from . import metrics
 
         return getattr(metrics, name)
+    if name in _MODELS:
+        from . import models
+
+        return getattr(models, name)
+    if name in _EVALUATION:
+        from . import evaluation
+
+        return getattr(evaluation, name)
+    if name in _COLLATE:
+        from . import collate
+
+        return getattr(collate, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,919 @@
+#!/usr/bin/env python
+"""Sequential medical entity linking with EWC / K-FAC Laplace priors (after McInerney et al. 2021).
+
+    accelerate launch recipes/train.py --config recipes/configs/demo.yaml
+    python recipes/train.py --config recipes/configs/demo.yaml --methods finetune,kfac --output_dir out/x
+    python recipes/train.py --merge_runs out/a out/b --output_dir out/merged
+
+For each task of the sequence (default A diseases, B drugs, C phenotypes): train, evaluate
+every task (seen and unseen; a classifier has no head for an unseen task: null), consolidate
+the prior, save (and optionally push to the Hub). Every option is a field of
+:class:`RecipeArguments`; a YAML ``--config`` sets them and any ``--flag`` on the command
+line overrides the YAML. See recipes/README.md for the protocol (profiles, λ selection,
+training budgets, metrics) and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("hf_kfac.recipe")
+
+METHOD_PENALTY = {"finetune": "none", "l2": "l2", "ewc": "ewc", "kfac": "kfac", "joint": "none"}
+PENALTY_METHODS = ("l2", "ewc", "kfac")
+
+# Profile presets for the data and budget fields left unset (None) by the config and the command line.
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_threads=1, encoder="tiny-random", n_concepts=8, max_train=48, max_eval=24, epochs="2", learning_rate="1e-3",
+                 batch_size=16, fisher_max_examples=32, n_boot=200, eval_batch_size=64, eval_splits="test"),
+    "demo": dict(n_concepts=200, max_train=600, max_eval=400, epochs="4", learning_rate="2e-4", batch_size=32,
+                 fisher_max_examples=400, n_boot=1000, eval_batch_size=256, eval_splits="test"),
+    "intermediate": dict(n_concepts=None, max_train=20000, max_eval=3000, epochs="2", learning_rate="1e-4",
+                         batch_size=64, fisher_max_examples=4000, n_boot=1000, eval_batch_size=256, eval_splits="test"),
+    "full": dict(n_concepts=None, max_train=None, max_eval=None, epochs="2", learning_rate="1e-4", batch_size=64,
+                 fisher_max_examples=10000, n_boot=1000, eval_batch_size=256, eval_splits="test"),
+}
+
+
+@dataclass
+class RecipeArguments:
+    """Options of the recipe (YAML keys and command-line flags)."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML file with any of these options; flags override it."})
+    profile: str = field(default="demo", metadata={"help": "tiny | demo | intermediate | full: presets for unset data/budget options."})
+    model: str = field(default="classifier", metadata={"help": "classifier | bi-encoder"})
+    encoder: str | None = field(default=None, metadata={"help": "Encoder name or folder; default all-MiniLM-L6-v2 (offline); 'tiny-random' builds a tiny BERT."})
+    tasks: str = field(default="A,B,C", metadata={"help": "Comma-separated built-in tasks (diseases/drugs/phenotypes or A/B/C), in order."})
+    methods: str = field(default="finetune,ewc,kfac", metadata={"help": "Comma-separated: finetune, l2, ewc, kfac, joint."})
+    output_dir: str = field(default="outputs/el", metadata={"help": "Where results, plots and per-method runs go."})
+    eval_splits: str | None = field(default=None, metadata={"help": "Splits evaluated after each task: test and/or dev (dev is added when a λ grid is searched)."})
+    report_split: str = field(default="test", metadata={"help": "Split of the reported table."})
+    # data
+    n_concepts: int | None = field(default=None, metadata={"help": "Concepts per task (a seeded subset); None: all."})
+    max_train: int | None = field(default=None, metadata={"help": "At most this many training strings per task (seeded sample)."})
+    max_eval: int | None = field(default=None, metadata={"help": "At most this many dev/test items per task (seeded sample)."})
+    subset_seed: int = field(default=0, metadata={"help": "Seed of the concept, training-string and evaluation-item samples."})
+    require_eval_concepts: bool = field(default=True, metadata={"help": "With n_concepts, sample among concepts that have dev or test mentions."})
+    # model and training budget
+    seed: int = field(default=42, metadata={"help": "Training seed (same for every method)."})
+    epochs: str | None = field(default=None, metadata={"help": "Epochs per task: one value, or one per task (comma-separated)."})
+    learning_rate: str | None = field(default=None, metadata={"help": "Learning rate per task: one value or one per task."})
+    batch_size: int | None = field(default=None, metadata={"help": "Training batch size."})
+    warmup: float = field(default=0.1, metadata={"help": "Warm-up (ratio of steps if < 1)."})
+    max_length: int = field(default=32, metadata={"help": "Token limit of a mention."})
+    freeze_word_embeddings: bool = field(default=True, metadata={"help": "Freeze the token embeddings (kept out of training and the prior)."})
+    head_init: str = field(default="names", metadata={"help": "Classifier head init: names (scaled name embeddings) or random."})
+    temperature: float = field(default=0.05, metadata={"help": "Bi-encoder temperature (and scale of name-initialised heads)."})
+    pairs_per_string: int = field(default=1, metadata={"help": "Bi-encoder positives drawn per training string."})
+    # penalty
+    lambdas: str = field(default="", metadata={"help": "Fixed λ per method, e.g. 'ewc=100,kfac=100,l2=1' or one value for all."})
+    lambda_grid: str = field(default="", metadata={"help": "λ values searched on dev: '1,10,100' for all, or 'ewc=1,10;kfac=10,100'."})
+    lambda_relative: bool = field(default=True, metadata={"help": "λ in units of 1/N (N: training examples of the current task); 1 = the Laplace posterior."})
+    fisher_type: str = field(default="mc", metadata={"help": "mc | empirical | exact"})
+    fisher_n_samples: int = field(default=1, metadata={"help": "Labels drawn per example (mc)."})
+    fisher_max_examples: int | None = field(default=None, metadata={"help": "Examples used for the Fisher."})
+    fisher_batch_size: int = field(default=32, metadata={"help": "Batch size of Fisher estimation."})
+    kfac_approx: str = field(default="expand", metadata={"help": "expand | reduce"})
+    fisher_exclude: str = field(default="", metadata={"help": "Comma-separated fnmatch patterns left out of the prior."})
+    prior_damping: float = field(default=1e-4, metadata={"help": "Damping δ of the prior."})
+    prior_accumulation: str = field(default="separate", metadata={"help": "separate | merge"})
+    prior_task_weighting: str = field(default="data_size", metadata={"help": "data_size | uniform"})
+    prior_decay: float = field(default=1.0, metadata={"help": "Decay γ of older tasks."})
+    # continuing, Hub, bookkeeping
+    prior: str | None = field(default=None, metadata={"help": "Continue from a saved/pushed model+prior (folder or Hub repo id)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push model+prior to the Hub after each task (via the trainer)."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (with push_to_hub); '{method}' is replaced."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    merge_runs: list[str] = field(default_factory=list, metadata={"help": "Merge the per-method results of these output dirs into output_dir, then exit.", "nargs": "+"})
+    resume: bool = field(default=True, metadata={"help": "Skip tasks a previous run of the same method already finished."})
+    save_models: str = field(default="last", metadata={"help": "Keep saved model+prior of: all tasks, the last one, or none."})
+    tune_budget: str = field(default="", metadata={"help": "Choose each task's budget under fine-tuning on dev, e.g. 'epochs=1,2,4;learning_rate=1e-4,2e-4'; writes budget.json and exits."})
+    n_boot: int | None = field(default=None, metadata={"help": "Bootstrap resamples for CIs."})
+    eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of evaluation."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default). 1 avoids thread contention on a busy machine."})
+    logging_steps: int = field(default=50, metadata={"help": "Trainer logging interval."})
+    quiet: bool = field(default=False, metadata={"help": "Less logging."})
+
+
+# ------------------------------------------------------------------ arguments
+def parse_args(argv: list[str] | None = None) -> RecipeArguments:
+    """YAML ``--config`` first, then command-line flags on top (HfArgumentParser)."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = HfArgumentParser(RecipeArguments)
+    if known.config:
+        data = yaml.safe_load(Path(known.config).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{known.config}: expected a mapping of options")
+        names = {f.name for f in fields(RecipeArguments)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown option(s) {unknown}; see recipes/train.py --help")
+        for k, v in list(data.items()):
+            if isinstance(v, list) and k != "merge_runs":
+                data[k] = ",".join(str(x) for x in v)
+            elif isinstance(v, dict):
+                data[k] = ",".join(f"{a}={b}" for a, b in v.items())
+        parser.set_defaults(**data)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    return resolve_profile(args)
+
+
+def resolve_profile(args: RecipeArguments) -> RecipeArguments:
+    if args.profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {args.profile!r}")
+    for k, v in PROFILES[args.profile].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.model in ("biencoder", "bi_encoder"):
+        args.model = "bi-encoder"
+    if args.model not in ("classifier", "bi-encoder"):
+        raise ValueError(f"model must be 'classifier' or 'bi-encoder', got {args.model!r}")
+    for m in _split(args.methods):
+        if m not in METHOD_PENALTY:
+            raise ValueError(f"unknown method {m!r}; choose from {sorted(METHOD_PENALTY)}")
+    if args.save_models not in ("all", "last", "none"):
+        raise ValueError("save_models must be all, last or none")
+    return args
+
+
+def _split(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def per_task(value: str | float | int, n: int, what: str) -> list[float]:
+    vals = [float(x) for x in _split(str(value))]
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) != n:
+        raise ValueError(f"{what}: give one value or one per task ({n}), got {value!r}")
+    return vals
+
+
+def parse_method_values(spec: str, methods: list[str]) -> dict[str, list[float]]:
+    """'1,10' (every penalty method) or 'ewc=1,10;kfac=10' / 'ewc=100,kfac=100' -> {method: [values]}."""
+    spec = (spec or "").strip()
+    if not spec:
+        return {}
+    if "=" not in spec:
+        vals = [float(x) for x in _split(spec)]
+        return {m: vals for m in methods if m in PENALTY_METHODS}
+    out: dict[str, list[float]] = {}
+    parts = spec.split(";") if ";" in spec else _merge_eq_parts(spec)
+    for part in parts:
+        if not part.strip():
+            continue
+        name, vals = part.split("=", 1)
+        out[name.strip()] = [float(x) for x in _split(vals)]
+    return out
+
+
+def _merge_eq_parts(spec: str) -> list[str]:
+    """'ewc=100,kfac=10,30' -> ['ewc=100', 'kfac=10,30']."""
+    parts: list[str] = []
+    for tok in spec.split(","):
+        if "=" in tok or not parts:
+            parts.append(tok)
+        else:
+            parts[-1] += "," + tok
+    return parts
+
+
+# ------------------------------------------------------------------ data
+def load_tasks(args: RecipeArguments) -> list[Any]:
+    """The built-in tasks of the sequence, sub-sampled as the profile says (deterministic)."""
+    from hf_kfac.el import ELTask, load_builtin_task
+
+    out = []
+    for name in _split(args.tasks):
+        task = load_builtin_task(name)
+        if args.n_concepts is not None and args.require_eval_concepts:
+            keep = {c for _, c in task.dev} | {c for _, c in task.test}
+            task = ELTask(name=task.name, concept_names={c: n for c, n in task.concept_names.items() if c in keep},
+                          train=[p for p in task.train if p[1] in keep], dev=task.dev, test=task.test,
+                          dictionary=[p for p in task.dictionary if p[1] in keep], meta=dict(task.meta))
+        if args.n_concepts is not None or args.max_train is not None:
+            task = task.subset(args.n_concepts, seed=args.subset_seed, max_train=args.max_train)
+        out.append(task)
+    return out
+
+
+def train_dataset(args: RecipeArguments, model: Any, tokenizer: Any, task: Any, seed_offset: int = 0):
+    from hf_kfac.el.collate import classifier_dataset, pair_dataset
+
+    if args.model == "classifier":
+        return classifier_dataset(task, tokenizer, model.task_index(task.name), "dictionary", args.max_length)
+    return pair_dataset(task, tokenizer, seed=args.seed + seed_offset, pairs_per_string=args.pairs_per_string,
+                        max_length=args.max_length)
+
+
+# ------------------------------------------------------------------ model
+def tiny_encoder_config(vocab_size: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+
+
+def initial_model(args: RecipeArguments) -> tuple[Any, Any]:
+    """(model, tokenizer): from ``--prior`` when given, else a new model on the encoder."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_kfac.el.models import ELBiEncoder, ELClassifier, default_encoder_path, load_el_model
+
+    if args.prior:
+        model = load_el_model(args.prior, token=args.hub_token)
+        if model.formulation != args.model:
+            raise ValueError(f"--prior {args.prior} holds a {model.formulation} model but --model is {args.model}")
+        tok = model.tokenizer or AutoTokenizer.from_pretrained(default_encoder_path())
+    else:
+        cls = ELClassifier if args.model == "classifier" else ELBiEncoder
+        if args.encoder == "tiny-random":
+            tok = AutoTokenizer.from_pretrained(default_encoder_path())
+            torch.manual_seed(args.seed)
+            model = cls.from_encoder_config(tiny_encoder_config(tok.vocab_size), tokenizer=tok,
+                                            temperature=args.temperature)
+        else:
+            model = cls.from_encoder(args.encoder, temperature=args.temperature)
+            tok = model.tokenizer
+    if args.freeze_word_embeddings:
+        model.freeze_word_embeddings()
+    model.tokenizer = tok
+    return model, tok
+
+
+def add_head(args: RecipeArguments, model: Any, tokenizer: Any, task: Any) -> None:
+    """Add the classifier head of ``task``: name-embedding prototypes (``head_init=names``) or random.
+
+    ``names``: row c = e_c / (|e_c| · mean_c |e_c|) / temperature, with e_c the pooled embedding
+    of concept c's preferred name, so that the initial logits are about cos(mention, name) / τ
+    (a zero-shot linker to start from).
+    """
+    if model.has_head(task.name):
+        model.active_task = task.name
+        return
+    weight = None
+    if args.head_init == "names":
+        names = [task.concept_names[c] for c in task.concept_ids]
+        emb = _pooled(model, tokenizer, names, args)
+        norms = emb.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        weight = emb / norms / norms.mean() / args.temperature
+    elif args.head_init != "random":
+        raise ValueError("head_init must be 'names' or 'random'")
+    model.add_task_head(task.name, task.concept_ids, weight=weight)
+
+
+def _pooled(model: Any, tokenizer: Any, texts: list[str], args: RecipeArguments):
+    """Un-normalised pooled embeddings (the classifier head's input) of ``texts``."""
+    import torch
+
+    from hf_kfac.el.evaluation import _batches_by_length
+
+    was = model.training
+    model.eval()
+    out = torch.empty(len(texts), int(model.config.hidden_size))
+    with torch.no_grad():
+        for pos, ids, am in _batches_by_length(tokenizer, texts, args.eval_batch_size, args.max_length):
+            out[pos] = model.embed(ids, am).float()
+    model.train(was)
+    return out
+
+
+# ------------------------------------------------------------------ one method's run
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def _clean(x: Any) -> Any:
+    """NaN -> None, recursively (strict JSON)."""
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _is_main() -> bool:
+    from hf_kfac.distributed import is_main_process
+
+    return is_main_process()
+
+
+def lambda_abs(args: RecipeArguments, lam: float, n_train: int) -> float:
+    return lam / max(n_train, 1) if args.lambda_relative else lam
+
+
+def continual_config(args: RecipeArguments, method: str, lam: float, n_train: int, out: Path, epochs: float,
+                     lr: float) -> Any:
+    from hf_kfac.trainer_config import ContinualConfig
+
+    penalty = METHOD_PENALTY[method]
+    hub_id = args.hub_model_id.replace("{method}", method) if args.hub_model_id else None
+    return ContinualConfig(
+        output_dir=str(out),
+        penalty=penalty,
+        penalty_lambda=None if penalty == "none" else lambda_abs(args, lam, n_train),
+        fisher_type=args.fisher_type,
+        fisher_n_samples=args.fisher_n_samples,
+        fisher_max_examples=args.fisher_max_examples,
+        fisher_batch_size=args.fisher_batch_size,
+        kfac_approx=args.kfac_approx,
+        fisher_exclude=_split(args.fisher_exclude),
+        prior_damping=args.prior_damping if penalty != "none" else None,
+        prior_accumulation=args.prior_accumulation if penalty not in ("none",) and not args.prior else None,
+        prior_task_weighting=args.prior_task_weighting if penalty != "none" and not args.prior else None,
+        prior_decay=args.prior_decay if penalty != "none" else None,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=args.batch_size,
+        weight_decay=0.0,
+        warmup_steps=args.warmup,
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        data_seed=args.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=hub_id,
+        hub_token=args.hub_token,
+        hub_strategy="end",
+    )
+
+
+class MethodRun:
+    """One method (and λ) over the whole task sequence; resumable from ``run_dir/progress.json``."""
+
+    def __init__(self, args: RecipeArguments, method: str, lam: float | None, tasks: list[Any], run_dir: Path,
+                 splits: list[str], shared_dir: Path) -> None:
+        self.args, self.method, self.lam, self.tasks = args, method, lam, tasks
+        self.run_dir, self.splits, self.shared_dir = run_dir, splits, shared_dir
+        self.penalty = METHOD_PENALTY[method]
+
+    # ---------------------------------------------------------- state
+    def _state_path(self) -> Path:
+        return self.run_dir / "progress.json"
+
+    def _new_state(self) -> dict[str, Any]:
+        return {"method": self.method, "lambda": self.lam, "penalty": self.penalty,
+                "tasks": [t.name for t in self.tasks], "rows": [], "row_task": [], "start_rows": None,
+                "train_time": [], "consolidation_time": [], "eval_time": [], "lambda_abs": [], "n_train": [],
+                "checkpoint": None, "complete": False, "fingerprint": self.fingerprint()}
+
+    def fingerprint(self) -> str:
+        a = self.args
+        keys = dict(model=a.model, encoder=a.encoder, tasks=[t.name for t in self.tasks],
+                    n_concepts=a.n_concepts, max_train=a.max_train, max_eval=a.max_eval, subset_seed=a.subset_seed,
+                    require=a.require_eval_concepts, seed=a.seed, epochs=a.epochs, lr=a.learning_rate,
+                    bs=a.batch_size, warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
+                    head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string, prior=a.prior,
+                    method=self.method, lam=self.lam, rel=a.lambda_relative, fisher=[a.fisher_type, a.fisher_n_samples,
+                    a.fisher_max_examples, a.fisher_batch_size, a.kfac_approx, a.fisher_exclude],
+                    prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay],
+                    splits=self.splits)
+        return _fingerprint(keys)
+
+    def _stage0_key(self) -> str:
+        a = self.args
+        return _fingerprint(dict(model=a.model, encoder=a.encoder, task=self.tasks[0].name, n_concepts=a.n_concepts,
+                                 max_train=a.max_train, max_eval=a.max_eval, subset_seed=a.subset_seed,
+                                 require=a.require_eval_concepts, seed=a.seed, epochs=per_task(a.epochs, len(self.tasks), "epochs")[0],
+                                 lr=per_task(a.learning_rate, len(self.tasks), "learning_rate")[0], bs=a.batch_size,
+                                 warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
+                                 head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string,
+                                 all_tasks=[t.name for t in self.tasks], splits=self.splits, n_boot=a.n_boot))
+
+    # ---------------------------------------------------------- evaluation
+    def evaluate_all(self, model: Any, tokenizer: Any) -> tuple[dict[str, list[Any]], float]:
+        from hf_kfac.el.evaluation import evaluate_task
+
+        t0 = time.perf_counter()
+        row: dict[str, list[Any]] = {s: [] for s in self.splits}
+        for task in self.tasks:
+            res = evaluate_task(model, tokenizer, task, self.splits, max_items=self.args.max_eval,
+                                item_seed=self.args.subset_seed, n_boot=self.args.n_boot, seed=0,
+                                batch_size=self.args.eval_batch_size, max_length=self.args.max_length)
+            for s in self.splits:
+                row[s].append(None if res[s] is None else res[s].to_dict(flags=True))
+        return row, time.perf_counter() - t0
+
+    # ---------------------------------------------------------- run
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        from hf_kfac import Prior
+        from hf_kfac.el.collate import ELCollator
+        from hf_kfac.el.models import load_el_model, predictive_fn_for
+        from hf_kfac.trainer import ContinualTrainer
+
+        args = self.args
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = self._new_state()
+        if args.resume and self._state_path().is_file():
+            old = json.loads(self._state_path().read_text())
+            if old.get("fingerprint") == state["fingerprint"]:
+                state = old
+                if state.get("complete"):
+                    logger.info("[%s] already complete in %s", self.tag, self.run_dir)
+                    return state
+            else:
+                logger.warning("[%s] %s holds a run with other options; starting over", self.tag, self.run_dir)
+        done = len(state["train_time"])
+        prior: Any = None
+        if done and state.get("checkpoint"):
+            ckpt = Path(state["checkpoint"])
+            model = load_el_model(ckpt)
+            if args.freeze_word_embeddings:
+                model.freeze_word_embeddings()
+            tokenizer = model.tokenizer
+            if (ckpt / "fisher" / "prior_config.json").is_file() and self.penalty != "none":
+                prior = Prior.from_pretrained(ckpt, model=model)
+            logger.info("[%s] resuming after task %d from %s", self.tag, done, ckpt)
+        elif done:
+            logger.warning("[%s] progress without a checkpoint; starting over", self.tag)
+            state, done = self._new_state(), 0
+            model, tokenizer = initial_model(args)
+        else:
+            model, tokenizer = initial_model(args)
+        if done == 0 and args.prior and self.penalty != "none":
+            prior = Prior.from_pretrained(args.prior, token=args.hub_token, model=model)
+        skip: set[str] = set(state.get("skipped_tasks", []))
+        if done == 0 and args.prior:
+            # tasks already learnt by the loaded model: in its prior, or (classifier) with a head
+            learnt = {t.name for t in Prior.from_pretrained(args.prior, token=args.hub_token).tasks} \
+                if _has_prior(args.prior) else set()
+            skip = {t.name for t in self.tasks if t.name in learnt
+                    or (model.formulation == "classifier" and model.has_head(t.name))}
+            state["rows"], state["row_task"] = [], []
+            row, _ = self.evaluate_all(model, tokenizer)
+            state["rows"].append(row)
+            state["row_task"].append(None)
+            state["skipped_tasks"] = sorted(skip)
+        epochs = per_task(args.epochs, len(self.tasks), "epochs")
+        lrs = per_task(args.learning_rate, len(self.tasks), "learning_rate")
+        collator = ELCollator.for_tokenizer(tokenizer)
+        datasets_so_far: list[Any] = []
+        from datasets import concatenate_datasets
+
+        for i, task in enumerate(self.tasks):
+            if task.name in skip:
+                continue
+            if model.formulation == "classifier":
+                add_head(args, model, tokenizer, task)
+            ds = train_dataset(args, model, tokenizer, task, seed_offset=i)
+            datasets_so_far.append(ds)
+            if task.name in state["row_task"]:  # trained by the run being resumed
+                continue
+            train_ds = concatenate_datasets(datasets_so_far) if self.method == "joint" else ds
+            stage_dir = self.run_dir / f"task{i}-{task.name}"
+            cfg = continual_config(args, self.method, self.lam or 0.0, len(ds), stage_dir, epochs[i], lrs[i])
+            trainer = ContinualTrainer(model=model, args=cfg, train_dataset=train_ds, data_collator=collator,
+                                       processing_class=tokenizer, prior=prior, predictive_fn=predictive_fn_for(model))
+            stage0 = self.shared_dir / f"stage0-{self._stage0_key()}"
+            reuse = i == 0 and not args.prior and (stage0 / "row.json").is_file()
+            if reuse:
+                cached = load_el_model(stage0)
+                model.load_state_dict(cached.state_dict())
+                info = json.loads((stage0 / "row.json").read_text())
+                row, et, tt = info["row"], info["eval_time"], info["train_time"]
+                logger.info("[%s] task %s: reusing the shared first-task model (%s)", self.tag, task.name, stage0)
+            else:
+                logger.info("[%s] task %d/%d %s: training on %d examples (%g epochs, lr %g, λ=%s)", self.tag, i + 1,
+                            len(self.tasks), task.name, len(train_ds), epochs[i], lrs[i], cfg.penalty_lambda)
+                torch.manual_seed(args.seed + i)
+                t0 = time.perf_counter()
+                trainer.train()
+                tt = time.perf_counter() - t0
+                row, et = self.evaluate_all(model, tokenizer)
+                if i == 0 and not args.prior and _is_main():
+                    model.save_pretrained(stage0)
+                    _write_json(stage0 / "row.json", {"row": row, "eval_time": et, "train_time": tt})
+            ct = 0.0
+            if self.penalty != "none":
+                t0 = time.perf_counter()
+                trainer.consolidate(task_name=task.name, n_examples=len(ds), metadata={
+                    "recipe_method": self.method, "lambda_relative": self.lam, "stage": i,
+                    "dev_or_test": {s: [None if r is None else r["acc1"] for r in row[s]] for s in self.splits}})
+                ct = time.perf_counter() - t0
+                prior = trainer.prior
+            state["rows"].append(row)
+            state["row_task"].append(task.name)
+            state["train_time"].append(tt)
+            state["consolidation_time"].append(ct)
+            state["eval_time"].append(et)
+            state["lambda_abs"].append(cfg.penalty_lambda)
+            state["n_train"].append(len(train_ds))
+            last = i == len(self.tasks) - 1
+            # every stage is saved (model + prior) so that the run can resume; earlier stages are
+            # removed unless save_models=all, the last one at the end with save_models=none
+            if args.push_to_hub:  # saves model + prior into stage_dir (all processes), then uploads it
+                trainer.push_to_hub(commit_message=f"hf_kfac recipe: {self.method} after task {task.name}")
+            else:
+                trainer.save_model(str(stage_dir))
+            prev = state.get("checkpoint")
+            state["checkpoint"] = str(stage_dir)
+            if args.save_models != "all" and prev and Path(prev) != stage_dir and _is_main():
+                shutil.rmtree(prev, ignore_errors=True)
+            acc = {s: [None if r is None else round(r["acc1"], 4) for r in row[s]] for s in self.splits}
+            logger.info("[%s] after %s: acc@1 %s (train %.0fs, consolidate %.0fs, eval %.0fs)", self.tag, task.name,
+                        acc, tt, ct, et)
+            state["complete"] = last
+            if _is_main():
+                _write_json(self._state_path(), state)
+        if args.save_models == "none" and state.get("checkpoint") and _is_main():
+            shutil.rmtree(state["checkpoint"], ignore_errors=True)
+            state["checkpoint"] = None
+        state["complete"] = True
+        if _is_main():
+            _write_json(self._state_path(), state)
+        return state
+
+    @property
+    def tag(self) -> str:
+        return self.method if self.lam is None else f"{self.method} λ={self.lam:g}"
+
+
+def _has_prior(path: str) -> bool:
+    p = Path(path)
+    if p.is_dir():
+        return (p / "fisher" / "prior_config.json").is_file() or (p / "prior_config.json").is_file()
+    return True
+
+
+# ------------------------------------------------------------------ summary
+def _matrix(state: dict[str, Any], split: str, key: str) -> list[list[Any]]:
+    return [[None if r is None else r[key] for r in row[split]] for row in state["rows"]]
+
+
+def _flags(state: dict[str, Any], split: str, key: str = "correct1") -> list[list[Any]]:
+    from hf_kfac.el.evaluation import flags_from_str
+
+    return [[None if r is None else flags_from_str(r[key]) for r in row[split]] for row in state["rows"]]
+
+
+def _start_rows(state: dict[str, Any]) -> list[int]:
+    """First row at which each task counts as learnt."""
+    starts = []
+    for name in state["tasks"]:
+        if name in state.get("skipped_tasks", []):
+            starts.append(0)
+        elif name in state["row_task"]:
+            starts.append(state["row_task"].index(name))
+        else:
+            starts.append(len(state["rows"]))
+    return starts
+
+
+def method_entry(state: dict[str, Any], split: str, baseline: dict[str, Any] | None, n_boot: int) -> dict[str, Any]:
+    from hf_kfac.el.evaluation import bootstrap_sequence_metrics
+
+    R = _matrix(state, split, "acc1")
+    entry: dict[str, Any] = {
+        "R": R,
+        "R_ci": _matrix(state, split, "acc1_ci"),
+        "R5": _matrix(state, split, "acc5"),
+        "R5_ci": _matrix(state, split, "acc5_ci"),
+        "n_items": [next((r["n"] for r in col if r is not None), None)
+                    for col in zip(*[row[split] for row in state["rows"]])],
+        "row_task": state["row_task"],
+        "penalty": state["penalty"],
+        "lambda": state["lambda"],
+        "lambda_abs": state["lambda_abs"],
+        "train_time_s": [round(x, 1) for x in state["train_time"]],
+        "consolidation_time_s": [round(x, 1) for x in state["consolidation_time"]],
+        "eval_time_s": [round(x, 1) for x in state["eval_time"]],
+        "total_train_time_s": round(sum(state["train_time"]), 1),
+        "total_consolidation_time_s": round(sum(state["consolidation_time"]), 1),
+    }
+    starts = _start_rows(state)
+    base_flags = None
+    if baseline is not None and baseline is not state and len(baseline["rows"]) == len(state["rows"]):
+        base_flags = _flags(baseline, split)
+    stats = bootstrap_sequence_metrics(_flags(state, split), base_flags, n_boot=n_boot, seed=0, start_rows=starts)
+    entry.update(stats)
+    if baseline is state:
+        entry["reduction"], entry["reduction_ci"] = 0.0, [0.0, 0.0]
+    from hf_kfac.el.evaluation import forgetting
+
+    entry["forgetting_per_task"] = forgetting(R, starts)[0]
+    if "lambda_selection" in state:
+        entry["lambda_selection"] = state["lambda_selection"]
+    return entry
+
+
+def collect_states(run_roots: list[Path]) -> dict[str, dict[str, Any]]:
+    """method -> final state (λ already selected) from ``<root>/runs/<method>/...`` or run dirs."""
+    out: dict[str, dict[str, Any]] = {}
+    for root in run_roots:
+        root = Path(root)
+        cands = [root / "runs"] if (root / "runs").is_dir() else [root.parent] if (root / "progress.json").is_file() or (root / "selected.json").is_file() else [root]
+        for base in cands:
+            for mdir in sorted(p for p in base.iterdir() if p.is_dir()):
+                sel = mdir / "selected.json"
+                if sel.is_file():
+                    st = json.loads(sel.read_text())
+                elif (mdir / "progress.json").is_file():
+                    st = json.loads((mdir / "progress.json").read_text())
+                else:
+                    continue
+                if not st.get("complete"):
+                    logger.warning("%s is not complete; left out", mdir)
+                    continue
+                if st["method"] in out:
+                    logger.warning("method %s found again in %s; the later one is used", st["method"], mdir)
+                st["run_dir"] = str(mdir)
+                out[st["method"]] = st
+    return out
+
+
+def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir: Path,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write results.json, results.md and accuracy.png for the methods' final states."""
+    if not states:
+        raise ValueError("no complete method run to summarize")
+    order = [m for m in METHOD_PENALTY if m in states]
+    first = states[order[0]]
+    split = args.report_split
+    baseline = states.get("finetune")
+    tasks = first["tasks"]
+    methods: dict[str, Any] = {}
+    for m in order:
+        st = states[m]
+        if st["tasks"] != tasks:
+            raise ValueError(f"method {m} ran tasks {st['tasks']}, others {tasks}: not comparable")
+        if split not in st["rows"][0]:
+            raise ValueError(f"method {m} was not evaluated on {split!r}")
+        methods[m] = method_entry(st, split, baseline, args.n_boot or 1000)
+        methods[m]["run_dir"] = st.get("run_dir")
+    results = {
+        "profile": args.profile,
+        "model": args.model,
+        "encoder": args.encoder or "all-MiniLM-L6-v2",
+        "tasks": tasks,
+        "split": split,
+        "metric": "accuracy@1 (R[i][j]: task j after training task i)",
+        "methods": methods,
+        "config": _clean(asdict(args)),
+    }
+    if extra:
+        results.update(extra)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / "results.json", _clean(results))
+    (out_dir / "results.md").write_text(markdown_table(results))
+    plot(results, out_dir / "accuracy.png")
+    return results
+
+
+def _fmt(x: Any, ci: Any = None, pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    s = f"{100 * x:.1f}" if pct else f"{x:.2f}"
+    if ci and ci[0] is not None and not (isinstance(ci[0], float) and math.isnan(ci[0])):
+        s += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if pct else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return s
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The model-card table: one row per method, then each method's R matrix."""
+    tasks = results["tasks"]
+    lines = [
+        f"### Sequential entity linking ({results['model']}, {results['encoder']}, profile `{results['profile']}`)",
+        "",
+        f"Tasks in order: {', '.join(tasks)}. Accuracy@1 on {results['split']} mentions, in %, with bootstrap 95% CIs "
+        "(paired over items). Forgetting of task j = best accuracy after learning it − final accuracy, averaged "
+        "over all but the last task; reduction = 1 − forgetting / forgetting(finetune).",
+        "",
+        "| method | λ | forgetting ↓ | reduction ↑ | final avg acc ↑ | last-task acc | train s | consolidation s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, e in results["methods"].items():
+        lam = "–" if e.get("lambda") is None else f"{e['lambda']:g}"
+        red = _fmt(e.get("reduction"), e.get("reduction_ci")) if m != "finetune" else "0 (reference)"
+        lines.append(f"| {m} | {lam} | {_fmt(e.get('forgetting'), e.get('forgetting_ci'))} | {red} | "
+                     f"{_fmt(e.get('final_avg_acc'), e.get('final_avg_acc_ci'))} | "
+                     f"{_fmt(e.get('last_task_acc'), e.get('last_task_acc_ci'))} | {e['total_train_time_s']:.0f} | "
+                     f"{e['total_consolidation_time_s']:.0f} |")
+    for m, e in results["methods"].items():
+        lines += ["", f"**{m}**: R (rows: after training; columns: evaluated task; acc@1 %)", "",
+                  "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name, row, cis in zip(e["row_task"], e["R"], e["R_ci"]):
+            label = name if name is not None else "(loaded prior)"
+            lines.append(f"| {label} | " + " | ".join(_fmt(x, c) for x, c in zip(row, cis)) + " |")
+        if e.get("lambda_selection"):
+            sel = ", ".join(f"λ={k}: {100 * v:.1f}" for k, v in e["lambda_selection"].items() if v is not None)
+            lines.append(f"\nλ chosen on dev (final average dev acc@1 %): {sel}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy of each task across the sequence, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = results["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), sharey=True, squeeze=False)
+    for j, (ax, name) in enumerate(zip(axes[0], tasks)):
+        for k, (m, e) in enumerate(results["methods"].items()):
+            xs, ys, lo, hi = [], [], [], []
+            for i, (row, cis) in enumerate(zip(e["R"], e["R_ci"])):
+                if row[j] is None:
+                    continue
+                xs.append(i)
+                ys.append(100 * row[j])
+                lo.append(100 * cis[j][0])
+                hi.append(100 * cis[j][1])
+            if xs:
+                ax.plot(xs, ys, marker="osD^v<>"[k % 7], linestyle=["-", "--", "-.", ":"][k % 4], label=m, alpha=0.9)
+                ax.fill_between(xs, lo, hi, alpha=0.15)
+        first = next(iter(results["methods"].values()))
+        ax.set_xticks(range(len(first["row_task"])))
+        ax.set_xticklabels([t if t else "prior" for t in first["row_task"]], fontsize=8)
+        ax.set_title(f"accuracy@1 on {name}")
+        ax.set_xlabel("after training")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{results['split']} acc@1 (%)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{results['model']} · {results['encoder']} · profile {results['profile']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ λ selection and budget tuning
+def select_lambda(method: str, states: dict[float, dict[str, Any]], run_root: Path) -> dict[str, Any]:
+    """The run with the best final average dev accuracy@1 (ties: the smaller λ)."""
+    from hf_kfac.el.evaluation import sequence_metrics
+
+    scores = {}
+    for lam, st in states.items():
+        R = _matrix(st, "dev", "acc1")
+        scores[lam] = sequence_metrics(R, start_rows=_start_rows(st))["final_avg_acc"]
+    best = max(sorted(scores), key=lambda k: (scores[k] if not math.isnan(scores[k]) else -1, -k))
+    chosen = dict(states[best])
+    chosen["lambda_selection"] = {f"{k:g}": _clean(v) for k, v in sorted(scores.items())}
+    chosen["run_dir"] = str(run_root / f"lambda-{best:g}")
+    _write_json(run_root / "selected.json", chosen)
+    logger.info("[%s] λ on dev: %s -> %g", method, chosen["lambda_selection"], best)
+    return chosen
+
+
+def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[str, Any]:
+    """For each task in turn (fine-tuning), the (epochs, learning_rate) with the best dev acc@1 on that task."""
+    import torch
+
+    from hf_kfac.el.collate import ELCollator
+    from hf_kfac.el.evaluation import evaluate_task
+    from hf_kfac.el.models import predictive_fn_for
+    from hf_kfac.trainer import ContinualTrainer
+
+    grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [])
+    epochs_grid = grid.get("epochs") or per_task(args.epochs, len(tasks), "epochs")[:1]
+    lr_grid = grid.get("learning_rate") or per_task(args.learning_rate, len(tasks), "learning_rate")[:1]
+    model, tokenizer = initial_model(args)
+    collator = ELCollator.for_tokenizer(tokenizer)
+    chosen: dict[str, Any] = {}
+    for i, task in enumerate(tasks):
+        if model.formulation == "classifier":
+            add_head(args, model, tokenizer, task)
+        ds = train_dataset(args, model, tokenizer, task, seed_offset=i)
+        start = copy.deepcopy(model.state_dict())
+        best = None
+        for ep in epochs_grid:
+            for lr in lr_grid:
+                model.load_state_dict(start)
+                cfg = continual_config(args, "finetune", 0.0, len(ds), out_dir / "budget-tmp", ep, lr)
+                trainer = ContinualTrainer(model=model, args=cfg, train_dataset=ds, data_collator=collator,
+                                           predictive_fn=predictive_fn_for(model))
+                torch.manual_seed(args.seed + i)
+                t0 = time.perf_counter()
+                trainer.train()
+                res = evaluate_task(model, tokenizer, task, ["dev"], max_items=args.max_eval,
+                                    item_seed=args.subset_seed, n_boot=100, batch_size=args.eval_batch_size)["dev"]
+                logger.info("[budget] %s epochs=%g lr=%g: dev acc@1 %.4f (%.0fs)", task.name, ep, lr, res.acc1,
+                            time.perf_counter() - t0)
+                if best is None or res.acc1 > best[0]:
+                    best = (res.acc1, ep, lr, copy.deepcopy(model.state_dict()))
+        assert best is not None
+        model.load_state_dict(best[3])
+        chosen[task.name] = {"epochs": best[1], "learning_rate": best[2], "dev_acc1": best[0]}
+    shutil.rmtree(out_dir / "budget-tmp", ignore_errors=True)
+    result = {"budget": chosen, "epochs": ",".join(f"{v['epochs']:g}" for v in chosen.values()),
+              "learning_rate": ",".join(f"{v['learning_rate']:g}" for v in chosen.values())}
+    _write_json(out_dir / "budget.json", result)
+    print(f"epochs: \"{result['epochs']}\"\nlearning_rate: \"{result['learning_rate']}\"")
+    return result
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the recipe (or merge runs); returns what results.json holds. Restores torch's thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("hf_kfac.recipe").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(int(args.num_threads))
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    out_dir = Path(args.output_dir)
+    if args.merge_runs:
+        states = collect_states([Path(p) for p in args.merge_runs])
+        results = summarize(args, states, out_dir, {"merged_from": list(args.merge_runs)})
+        print((out_dir / "results.md").read_text())
+        return results
+    t_start = time.perf_counter()
+    tasks = load_tasks(args)
+    for t in tasks:
+        logger.info("task %s: %s", t.name, t.stats())
+    if args.tune_budget:
+        return tune_budget(args, tasks, out_dir)
+    methods = _split(args.methods)
+    fixed = parse_method_values(args.lambdas, methods)
+    grids = parse_method_values(args.lambda_grid, methods)
+    splits = _split(args.eval_splits)
+    if any(m in grids and len(grids[m]) > 1 for m in methods) and "dev" not in splits:
+        splits.append("dev")
+    if args.report_split not in splits:
+        splits.append(args.report_split)
+    states: dict[str, dict[str, Any]] = {}
+    shared = out_dir / "runs" / "_shared"
+    for m in methods:
+        if METHOD_PENALTY[m] == "none":
+            states[m] = MethodRun(args, m, None, tasks, out_dir / "runs" / m, splits, shared).run()
+            states[m]["run_dir"] = str(out_dir / "runs" / m)
+            continue
+        lams = grids.get(m) or fixed.get(m) or [1.0]
+        if len(lams) == 1:
+            states[m] = MethodRun(args, m, lams[0], tasks, out_dir / "runs" / m, splits, shared).run()
+            states[m]["run_dir"] = str(out_dir / "runs" / m)
+            continue
+        per_lam = {lam: MethodRun(args, m, lam, tasks, out_dir / "runs" / m / f"lambda-{lam:g}", splits, shared).run()
+                   for lam in lams}
+        states[m] = select_lambda(m, per_lam, out_dir / "runs" / m)
+    results = summarize(args, states, out_dir, {"wall_time_s": round(time.perf_counter() - t_start, 1)})
+    if args.save_models == "none":
+        shutil.rmtree(shared, ignore_errors=True)
+    if not args.quiet:
+        print((out_dir / "results.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""Entity-linking models, their predictive distributions, saving, collation and evaluation metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from oracles import tiny_bert_config
+from torch import nn
+from transformers import AutoModel
+
+from hf_kfac import Prior, estimate_fisher
+from hf_kfac.el import ELTask
+from hf_kfac.el.collate import ELCollator, classifier_dataset, classifier_examples, pair_examples
+from hf_kfac.el.evaluation import (
+    bootstrap_sequence_metrics,
+    evaluate_biencoder,
+    evaluate_classifier,
+    flags_from_str,
+    flags_to_str,
+    forgetting,
+    sequence_metrics,
+)
+from hf_kfac.el.models import (
+    ELBiEncoder,
+    ELClassifier,
+    biencoder_predictive_fn,
+    classifier_predictive_fn,
+    load_el_model,
+    mean_pool,
+    predictive_fn_for,
+)
+
+
+def _enc_config():
+    return tiny_bert_config(vocab_size=40, hidden_size=16, intermediate_size=24, num_attention_heads=2)
+
+
+def _classifier(seed: int = 0) -> ELClassifier:
+    torch.manual_seed(seed)
+    m = ELClassifier.from_encoder_config(_enc_config())
+    m.add_task_head("a", ["a1", "a2", "a3"])
+    m.add_task_head("b", ["b1", "b2", "b3", "b4", "b5"])
+    return m
+
+
+def _batch(n: int = 6, t: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 40, (n, t), generator=g)
+    am = torch.ones_like(ids)
+    am[::2, t - 3:] = 0
+    ids[am == 0] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+# ---------------------------------------------------------------------------- classifier
+def test_classifier_forward_shapes_and_loss() -> None:
+    m = _classifier().eval()
+    b = _batch()
+    labels = torch.tensor([0, 4, 2, 1, 3, 0])
+    out = m(**b, task_id=torch.full((6,), 1), labels=labels)
+    assert out.logits.shape == (6, 5)
+    assert out.embeddings.shape == (6, 16)
+    pooled = mean_pool(m.encoder(**b).last_hidden_state, b["attention_mask"])
+    torch.testing.assert_close(out.logits, m.heads["b"](pooled))
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, labels))
+    # the active task (last head added) is the default; `task=` picks a head by name
+    torch.testing.assert_close(m(**b).logits, out.logits)
+    assert m(**b, task="a").logits.shape == (6, 3)
+    # a mixed batch: each row uses its own head, padded up to the widest head
+    tid = torch.tensor([0, 1, 0, 1, 1, 0])
+    mixed = m(**b, task_id=tid, labels=torch.tensor([2, 4, 0, 1, 3, 1]))
+    assert mixed.logits.shape == (6, 5)
+    za = m(**b, task="a").logits
+    torch.testing.assert_close(mixed.logits[tid == 0, :3], za[tid == 0])
+    assert (mixed.logits[tid == 0, 3:] <= -1e3).all()
+    torch.testing.assert_close(mixed.logits[tid == 1], out.logits[tid == 1])
+    manual = torch.stack([nn.functional.cross_entropy(za[i:i + 1] if tid[i] == 0 else out.logits[i:i + 1],
+                                                      torch.tensor([y])) for i, y in enumerate([2, 4, 0, 1, 3, 1])])
+    torch.testing.assert_close(mixed.loss, manual.mean())
+
+
+def test_classifier_head_validation() -> None:
+    m = _classifier()
+    with pytest.raises(ValueError, match="already has a head"):
+        m.add_task_head("a", ["x"])
+    with pytest.raises(ValueError, match="no dots"):
+        m.add_task_head("x.y", ["x"])
+    with pytest.raises(ValueError, match="unique"):
+        m.add_task_head("c", ["x", "x"])
+    w = torch.randn(2, 16)
+    m.add_task_head("c", ["c1", "c2"], weight=w)
+    torch.testing.assert_close(m.heads["c"].weight.data, w)
+    assert m.task_names == ["a", "b", "c"] and m.active_task == "c"
+    assert m.concept_ids("b") == ["b1", "b2", "b3", "b4", "b5"]
+
+
+def test_classifier_predictive_fn_is_softmax_over_the_batch_head() -> None:
+    m = _classifier().eval()
+    b = {**_batch(), "task_id": torch.zeros(6, dtype=torch.long), "labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    out = classifier_predictive_fn(m, b)
+    assert out.logits.shape == (6, 3)
+    torch.testing.assert_close(out.logits, m(**_batch(), task="a").logits)
+    torch.testing.assert_close(out.labels, b["labels"])
+    assert str(out.likelihood) == "categorical"
+    assert predictive_fn_for(m) is classifier_predictive_fn
+
+
+@pytest.mark.parametrize("shape", ["kfac", "diag"])
+def test_estimator_runs_on_the_classifier(shape: str) -> None:
+    m = _classifier()
+    col = ELCollator(0)
+    feats = [{"input_ids": [1, 5, 6, 7][: 2 + i % 3], "attention_mask": [1] * (2 + i % 3), "task_id": 1,
+              "labels": i % 5} for i in range(8)]
+    curv = estimate_fisher(m, [col(feats[:4]), col(feats[4:])], shape=shape, progress=False,
+                           predictive_fn=classifier_predictive_fn)
+    assert curv.n_examples == 8
+    names = curv.param_names()
+    assert "heads.b.weight" in names and "encoder.encoder.layer.0.attention.self.query.weight" in names
+    assert not any("pooler" in n for n in names)  # unused by mean pooling: frozen, not in the prior
+    if shape == "kfac":
+        assert curv.kfac["heads.b"].G.abs().sum() > 0
+        assert curv.kfac["heads.a"].G.abs().sum() == 0  # the other task's head is not on this batch's path
+
+
+# ---------------------------------------------------------------------------- bi-encoder
+def _pair_batch() -> dict[str, torch.Tensor]:
+    b = _batch(6, 7, 1)
+    p = _batch(6, 7, 2)
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "pos_input_ids": p["input_ids"],
+            "pos_attention_mask": p["attention_mask"], "concept": torch.tensor([7, 7, 8, 9, 10, 11])}
+
+
+def test_biencoder_forward_is_infonce_over_in_batch_candidates() -> None:
+    torch.manual_seed(0)
+    m = ELBiEncoder.from_encoder_config(_enc_config(), temperature=0.1).eval()
+    b = _pair_batch()
+    out = m(**b)
+    q = nn.functional.normalize(mean_pool(m.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state,
+                                          b["attention_mask"]), dim=-1)
+    c = nn.functional.normalize(mean_pool(m.encoder(input_ids=b["pos_input_ids"], attention_mask=b["pos_attention_mask"]).last_hidden_state,
+                                          b["pos_attention_mask"]), dim=-1)
+    expected = q @ c.T / 0.1
+    expected[0, 1] = expected[1, 0] = -1e4  # same concept, not the labelled positive: masked out
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(expected, torch.arange(6)))
+    assert m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).loss is None
+
+
+def test_biencoder_predictive_fn_grads_only_through_the_mention_path() -> None:
+    torch.manual_seed(0)
+    m = ELBiEncoder.from_encoder_config(_enc_config()).eval()
+    b = _pair_batch()
+    out = biencoder_predictive_fn(m, b)
+    torch.testing.assert_close(out.logits, m(**b).logits)
+    torch.testing.assert_close(out.labels, torch.arange(6))
+    assert predictive_fn_for(m) is biencoder_predictive_fn
+    # gradient of the predictive logits = gradient with the candidate embeddings held constant
+    params = [p for p in m.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(out.logits.logsumexp(-1).sum(), params, allow_unused=True)
+    with torch.no_grad():
+        c = m.encode(b["pos_input_ids"], b["pos_attention_mask"])
+    q = m.encode(b["input_ids"], b["attention_mask"])
+    z = m.scores(q, c.detach(), b["concept"], b["concept"])
+    g2 = torch.autograd.grad(z.logsumexp(-1).sum(), params, allow_unused=True)
+    for a, bb in zip(g1, g2):
+        if a is None or bb is None:
+            assert a is None and bb is None
+        else:
+            torch.testing.assert_close(a, bb)
+
+
+def test_biencoder_diag_fisher_matches_brute_force() -> None:
+    """Per-example separability: the estimator's empirical diagonal Fisher equals per-example brute force."""
+    torch.manual_seed(0)
+    m = ELBiEncoder.from_encoder_config(_enc_config()).eval()
+    b = _pair_batch()
+    curv = estimate_fisher(m, [b], shape="diag", fisher_type="empirical", progress=False,
+                           predictive_fn=biencoder_predictive_fn)
+    params = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(6):
+        out = biencoder_predictive_fn(m, b)
+        loss = nn.functional.cross_entropy(out.logits[i:i + 1], out.labels[i:i + 1])
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (n, _), g in zip(params.items(), grads):
+            if g is not None:
+                acc[n] += g.square()
+    for n in ("encoder.encoder.layer.1.output.dense.weight", "encoder.embeddings.LayerNorm.weight",
+              "encoder.encoder.layer.0.attention.self.query.bias"):
+        torch.testing.assert_close(curv.diag[n], acc[n] / 6, rtol=1e-4, atol=1e-7)
+    k = estimate_fisher(m, [b], shape="kfac", progress=False, predictive_fn=biencoder_predictive_fn)
+    assert k.n_examples == 6 and len(k.kfac) > 0
+
+
+# ---------------------------------------------------------------------------- saving
+def test_save_load_roundtrip_and_prior_compatibility(tmp_path) -> None:
+    m = _classifier().eval()
+    b = _batch()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "heads.safetensors").is_file()
+    enc = AutoModel.from_pretrained(tmp_path).eval()
+    for k, v in m.encoder.state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v)
+    back = ELClassifier.from_pretrained(tmp_path).eval()
+    assert back.task_names == ["a", "b"] and back.concept_ids("b") == m.concept_ids("b")
+    for task in ("a", "b"):
+        torch.testing.assert_close(back(**b, task=task).logits, m(**b, task=task).logits)
+    assert [n for n, _ in back.named_parameters()] == [n for n, _ in m.named_parameters()]
+    assert isinstance(load_el_model(tmp_path), ELClassifier)
+    # a prior made on the trained model fits the re-loaded one, and a new head keeps it compatible
+    curv = estimate_fisher(m, [{**b, "task_id": torch.ones(6, dtype=torch.long)}], shape="kfac", progress=False,
+                           predictive_fn=classifier_predictive_fn)
+    prior = Prior(shape="kfac")
+    prior.add_task(m, curv, "b")
+    prior.save_pretrained(tmp_path / "fisher")
+    Prior.from_pretrained(tmp_path, model=back)
+    back.add_task_head("c", ["c1"])
+    prior.check_compatible(back)
+    assert float(prior.penalty(back, 1.0).detach()) == 0.0
+
+
+def test_biencoder_roundtrip(tmp_path) -> None:
+    torch.manual_seed(0)
+    m = ELBiEncoder.from_encoder_config(_enc_config(), temperature=0.07).eval()
+    m.save_pretrained(tmp_path)
+    assert not (tmp_path / "heads.safetensors").exists()
+    back = load_el_model(tmp_path).eval()
+    assert isinstance(back, ELBiEncoder) and back.config.temperature == 0.07
+    b = _pair_batch()
+    torch.testing.assert_close(back(**b).logits, m(**b).logits)
+    with pytest.raises(ValueError, match="bi-encoder"):
+        ELClassifier.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- data
+def _task() -> ELTask:
+    names = {"c1": "heart attack", "c2": "diabetes", "c3": "fever"}
+    return ELTask(name="t", concept_names=names,
+                  train=[("myocardial infarction", "c1"), ("mi", "c1"), ("sugar disease", "c2")],
+                  dev=[("cardiac infarct", "c1")],
+                  test=[("heart infarction", "c1"), ("diabetes mellitus", "c2"), ("pyrexia", "c3"), ("high temp", "c3")],
+                  dictionary=[("heart attack", "c1"), ("diabetes", "c2"), ("fever", "c3"),
+                              ("myocardial infarction", "c1"), ("mi", "c1"), ("sugar disease", "c2")])
+
+
+def test_datasets_and_collator() -> None:
+    task = _task()
+    assert classifier_examples(task)[:3] == [("heart attack", 0), ("diabetes", 1), ("fever", 2)]
+    pairs = pair_examples(task, seed=0)
+    assert all(p != s for s, p, _ in pairs)
+    assert all(dict(task.dictionary)[p] == c for _, p, c in pairs)
+    assert {s for s, _, _ in pairs} == {"heart attack", "diabetes", "myocardial infarction", "mi", "sugar disease"}
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, texts, truncation=True, max_length=32, padding=False):
+            ids = [[1 + (hash(w) % 30) for w in t.split()][:max_length] for t in texts]
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+    ds = classifier_dataset(task, Tok(), task_id=2)
+    assert ds["labels"] == [0, 1, 2, 0, 0, 1] and set(ds["task_id"]) == {2}
+    batch = ELCollator(0)([ds[i] for i in range(len(ds))])
+    assert list(batch)[:2] == ["input_ids", "attention_mask"]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (6, 2)
+    assert batch["attention_mask"][1].tolist() == [1, 0] and batch["input_ids"][1, 1] == 0
+    pb = ELCollator(0)([{"input_ids": [1], "attention_mask": [1], "pos_input_ids": [2, 3, 4],
+                         "pos_attention_mask": [1, 1, 1], "concept": 5}])
+    assert pb["input_ids"].shape == pb["pos_input_ids"].shape == (1, 3)
+
+
+# ---------------------------------------------------------------------------- evaluation
+class _StrTok:
+    """Tokenizer stub: each string becomes one id, its index in a fixed vocabulary."""
+
+    pad_token_id = 0
+
+    def __init__(self, strings):
+        self.ids = {s: i + 1 for i, s in enumerate(strings)}
+
+    def __call__(self, texts, truncation=True, max_length=32, padding=False):
+        ids = [[self.ids[t]] for t in texts]
+        return {"input_ids": ids, "attention_mask": [[1] for _ in ids]}
+
+
+class _ScoreClassifier(nn.Module):
+    formulation = "classifier"
+
+    def __init__(self, table: torch.Tensor, concept_ids):
+        super().__init__()
+        self.table = nn.Parameter(table)
+        self._ids = concept_ids
+
+    def has_head(self, name):
+        return name == "t"
+
+    def concept_ids(self, name):
+        return self._ids
+
+    def forward(self, input_ids, attention_mask=None, task=None):
+        return type("O", (), {"logits": self.table[input_ids[:, 0]]})()
+
+
+def test_evaluate_classifier_on_a_hand_built_case() -> None:
+    task = _task()
+    tok = _StrTok([m for m, _ in task.test])
+    table = torch.zeros(5, 3)
+    table[1] = torch.tensor([3.0, 1.0, 2.0])  # heart infarction -> c1: rank 0
+    table[2] = torch.tensor([3.0, 1.0, 2.0])  # diabetes mellitus -> c2: rank 2
+    table[3] = torch.tensor([1.0, 1.0, 1.0])  # pyrexia -> c3: all tied, pessimistic rank 2
+    table[4] = torch.tensor([0.0, 1.0, 5.0])  # high temp -> c3: rank 0
+    res = evaluate_classifier(_ScoreClassifier(table, ["c1", "c2", "c3"]), tok, task, "test", n_boot=200)
+    assert res.n == 4 and res.acc1 == 0.5 and res.acc5 == 1.0
+    assert res.correct1.tolist() == [True, False, False, True]
+    assert res.ci1[0] <= 0.5 <= res.ci1[1]
+    assert flags_from_str(flags_to_str(res.correct1)).tolist() == res.correct1.tolist()
+    m = _ScoreClassifier(table, ["c1", "c2", "c3"])
+    m.has_head = lambda name: False
+    assert evaluate_classifier(m, tok, task, "test") is None
+
+
+class _VecEncoder(nn.Module):
+    formulation = "bi-encoder"
+
+    def __init__(self, vecs: torch.Tensor):
+        super().__init__()
+        self.vecs = nn.Parameter(vecs)
+        self.config = type("C", (), {"hidden_size": vecs.shape[1]})()
+
+    def encode(self, input_ids, attention_mask=None):
+        return nn.functional.normalize(self.vecs[input_ids[:, 0]], dim=-1)
+
+
+def test_evaluate_biencoder_takes_the_max_over_a_concepts_strings() -> None:
+    task = _task()
+    strings = [s for s, _ in task.dictionary] + [m for m, _ in task.test]
+    tok = _StrTok(strings)
+    v = torch.zeros(len(strings) + 1, 3)
+    e = torch.eye(3)
+    for s, vec in {"heart attack": e[0], "diabetes": e[1], "fever": e[2], "myocardial infarction": e[0] + e[1],
+                   "mi": e[2] * 0 + e[1] * 0.1 + e[0] * 0.05, "sugar disease": e[1] + e[2]}.items():
+        v[tok.ids[s]] = vec
+    v[tok.ids["heart infarction"]] = e[0] + 0.9 * e[1]  # closest: "myocardial infarction" (c1)
+    v[tok.ids["diabetes mellitus"]] = e[1] + 0.8 * e[2]  # closest: "sugar disease" (c2)
+    v[tok.ids["pyrexia"]] = e[1] + 0.1 * e[2]  # closest: "diabetes" (c2), c3 second -> wrong at 1
+    v[tok.ids["high temp"]] = e[2]  # "fever" (c3)
+    res = evaluate_biencoder(_VecEncoder(v), tok, task, "test", n_boot=200)
+    assert res.correct1.tolist() == [True, True, False, True]
+    assert res.acc1 == 0.75 and res.acc5 == 1.0
+
+
+# ---------------------------------------------------------------------------- sequence metrics
+def test_forgetting_and_reduction_on_a_hand_built_R() -> None:
+    R_ft = [[0.8, None, None], [0.5, 0.9, None], [0.4, 0.6, 0.7]]
+    per, f = forgetting(R_ft)
+    assert per == pytest.approx([0.4, 0.3]) and f == pytest.approx(0.35)
+    R_k = [[0.8, None, None], [0.75, 0.85, None], [0.7, 0.8, 0.65]]
+    m = sequence_metrics(R_k, baseline_R=R_ft)
+    assert m["forgetting"] == pytest.approx(0.075)
+    assert m["reduction"] == pytest.approx(1 - 0.075 / 0.35)
+    assert m["final_avg_acc"] == pytest.approx((0.7 + 0.8 + 0.65) / 3)
+    assert m["last_task_acc"] == pytest.approx(0.65)
+    # max over the rows after learning (task 0 peaked after task 1 here), and an initial row
+    per, _ = forgetting([[0.5, 0.2], [0.6, 0.9], [0.55, 0.7]], start_rows=[0, 1])
+    assert per == pytest.approx([0.05, 0.2])
+    assert math.isnan(forgetting([[0.5]])[1])
+
+
+def test_bootstrap_sequence_metrics_are_paired() -> None:
+    rng = np.random.default_rng(0)
+    n = 200
+    base = [[rng.random(n) < 0.8, None], [rng.random(n) < 0.5, rng.random(n) < 0.9]]
+    same = bootstrap_sequence_metrics(base, base, n_boot=300)
+    assert same["reduction"] == 0.0 and same["reduction_ci"] == [0.0, 0.0]
+    f = float(base[0][0].mean() - base[1][0].mean())
+    assert same["forgetting"] == pytest.approx(f)
+    assert same["forgetting_ci"][0] < f < same["forgetting_ci"][1]
+    better = [[base[0][0], None], [base[0][0] & (rng.random(n) < 0.95), base[1][1]]]
+    out = bootstrap_sequence_metrics(better, base, n_boot=300)
+    assert 0 < out["reduction_ci"][0] <= out["reduction"] <= out["reduction_ci"][1] <= 1
+    assert out["final_avg_acc_ci"][0] <= out["final_avg_acc"] <= out["final_avg_acc_ci"][1]
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_sequence_metrics([[base[0][0][:10]]], [[base[0][0]]], n_boot=10)

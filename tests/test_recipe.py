@@ -1,0 +1,136 @@
+"""The sequential entity-linking recipe end to end, on the tiny profile (a tiny random BERT, a few concepts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import train as recipe  # noqa: E402
+
+TINY = str(ROOT / "recipes" / "configs" / "tiny.yaml")
+
+
+def test_yaml_config_and_cli_overrides(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("profile: tiny\nmethods: [finetune, kfac]\nlambdas: {kfac: 30}\nbatch_size: 8\n")
+    args = recipe.parse_args(["--config", str(cfg), "--batch_size", "4", "--output_dir", str(tmp_path / "o")])
+    assert args.methods == "finetune,kfac" and args.batch_size == 4  # the flag wins over the YAML
+    assert args.encoder == "tiny-random" and args.n_concepts == 8  # profile presets fill unset options
+    assert recipe.parse_method_values(args.lambdas, ["kfac"]) == {"kfac": [30.0]}
+    assert recipe.parse_method_values("ewc=1,10;kfac=3", []) == {"ewc": [1.0, 10.0], "kfac": [3.0]}
+    assert recipe.parse_method_values("ewc=100,kfac=10,30", []) == {"ewc": [100.0], "kfac": [10.0, 30.0]}
+    assert recipe.parse_method_values("1,10", ["finetune", "ewc", "kfac"]) == {"ewc": [1.0, 10.0], "kfac": [1.0, 10.0]}
+    cfg.write_text("profile: tiny\nnot_an_option: 1\n")
+    with pytest.raises(ValueError, match="not_an_option"):
+        recipe.parse_args(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="unknown method"):
+        recipe.parse_args(["--config", TINY, "--methods", "finetune,sgd"])
+
+
+def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--save_models", "last"])
+    data = json.loads((out / "results.json").read_text())
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert "| kfac |" in (out / "results.md").read_text()
+    assert data["tasks"] == ["diseases", "drugs", "phenotypes"] and data["profile"] == "tiny"
+    assert set(data["methods"]) == {"finetune", "ewc", "kfac"}
+    for name, m in data["methods"].items():
+        R = m["R"]
+        assert len(R) == 3 and all(len(r) == 3 for r in R)
+        assert R[0][1] is None and R[0][2] is None and R[1][2] is None  # no head yet for unseen tasks
+        assert all(0.0 <= x <= 1.0 for row in R for x in row if x is not None)
+        for key in ("forgetting", "final_avg_acc", "last_task_acc", "reduction"):
+            assert key in m and key + "_ci" in m
+        assert len(m["train_time_s"]) == 3
+    assert data["methods"]["finetune"]["reduction"] == 0.0
+    assert data["methods"]["kfac"]["lambda"] == 100
+    assert data["methods"]["finetune"]["R"][0] == data["methods"]["kfac"]["R"][0]  # shared first task
+    assert data["methods"]["kfac"]["total_consolidation_time_s"] > 0
+    # the last model + prior of each penalised method is kept, and loads back
+    ckpt = Path(json.loads((out / "runs" / "kfac" / "progress.json").read_text())["checkpoint"])
+    assert (ckpt / "fisher" / "prior_config.json").is_file() and (ckpt / "el_model.json").is_file()
+    from hf_kfac import Prior
+    from hf_kfac.el.models import load_el_model
+
+    model = load_el_model(ckpt)
+    prior = Prior.from_pretrained(ckpt, model=model)
+    assert [t.name for t in prior.tasks] == ["diseases", "drugs", "phenotypes"]
+    assert res["methods"]["kfac"]["R"] == data["methods"]["kfac"]["R"]
+
+    # resuming a finished run does no work and gives the same table
+    again = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--save_models", "last"])
+    assert again["methods"]["ewc"]["R"] == data["methods"]["ewc"]["R"]
+
+    # another method in another directory (with a λ grid chosen on dev), merged into one table
+    other = tmp_path / "other"
+    recipe.main(["--config", TINY, "--output_dir", str(other), "--quiet", "--methods", "l2", "--tasks", "A,B,C",
+                 "--lambda_grid", "l2=0.1,10"])
+    sel = json.loads((other / "runs" / "l2" / "selected.json").read_text())
+    assert set(sel["lambda_selection"]) == {"0.1", "10"} and sel["lambda"] in (0.1, 10.0)
+    merged = recipe.main(["--config", TINY, "--merge_runs", str(out), str(other), "--output_dir", str(tmp_path / "m")])
+    assert set(merged["methods"]) == {"finetune", "l2", "ewc", "kfac"}
+    assert "reduction_ci" in merged["methods"]["l2"]
+    assert (tmp_path / "m" / "accuracy.png").is_file()
+
+
+def test_continue_from_a_saved_prior(tmp_path: Path) -> None:
+    first = tmp_path / "ab"
+    recipe.main(["--config", TINY, "--output_dir", str(first), "--quiet", "--methods", "kfac", "--tasks", "A,B",
+                 "--save_models", "last"])
+    ckpt = json.loads((first / "runs" / "kfac" / "progress.json").read_text())["checkpoint"]
+    out = tmp_path / "c"
+    res = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--methods", "kfac",
+                       "--tasks", "A,B,C", "--prior", ckpt, "--save_models", "last"])
+    m = res["methods"]["kfac"]
+    assert m["row_task"] == [None, "phenotypes"]  # the loaded model's row, then the new task
+    assert m["R"][0][0] is not None and m["R"][0][2] is None and m["R"][1][2] is not None
+    assert m["forgetting"] is not None
+    ckpt2 = json.loads((out / "runs" / "kfac" / "progress.json").read_text())["checkpoint"]
+    from hf_kfac import Prior
+
+    assert [t.name for t in Prior.from_pretrained(ckpt2).tasks] == ["diseases", "drugs", "phenotypes"]
+
+
+def test_push_to_hub_after_each_task_and_continue_from_the_hub(hub_server, tmp_path: Path) -> None:
+    """--push_to_hub pushes model + prior through the trainer; --prior <repo id> continues from the Hub."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModel
+
+    from hf_kfac import Prior
+
+    recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "ab"), "--quiet", "--methods", "kfac",
+                 "--tasks", "A,B", "--push_to_hub", "true", "--hub_model_id", "test-user/el-{method}"])
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    files = set(api.list_repo_files("test-user/el-kfac"))
+    assert {"config.json", "model.safetensors", "el_model.json", "heads.safetensors",
+            "fisher/prior_config.json"} <= files
+    commits = api.list_repo_commits("test-user/el-kfac")
+    assert sum("after task" in c.title for c in commits) == 2  # one push per task
+    AutoModel.from_pretrained("test-user/el-kfac")  # the encoder is a plain HF model
+    assert [t.name for t in Prior.from_pretrained("test-user/el-kfac").tasks] == ["diseases", "drugs"]
+    res = recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "c"), "--quiet", "--methods", "kfac",
+                       "--tasks", "A,B,C", "--prior", "test-user/el-kfac"])
+    assert res["methods"]["kfac"]["row_task"] == [None, "phenotypes"]
+
+
+def test_an_interrupted_run_resumes_from_its_last_saved_task(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    argv = ["--config", TINY, "--output_dir", str(out), "--quiet", "--methods", "kfac", "--tasks", "A,B",
+            "--save_models", "all"]
+    full = recipe.main(argv)["methods"]["kfac"]
+    prog = out / "runs" / "kfac" / "progress.json"
+    st = json.loads(prog.read_text())
+    for key in ("rows", "row_task", "train_time", "consolidation_time", "eval_time", "lambda_abs", "n_train"):
+        st[key] = st[key][:1]
+    st["checkpoint"], st["complete"] = str(out / "runs" / "kfac" / "task0-diseases"), False
+    prog.write_text(json.dumps(st))  # as if the run had stopped after the first task
+    again = recipe.main(argv)["methods"]["kfac"]
+    assert again["row_task"] == ["diseases", "drugs"]
+    assert again["R"] == full["R"]  # the second task was trained again from the saved model + prior
