@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m accelerate.commands.launch --num_processes 1 recipes/train.py --config recipes/configs/demo.yaml
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		recipes/train.py --config recipes/configs/demo.yaml
 
 bench: $(STAMP)
 	$(PIP) install -q -e ".[bench]"
