@@ -120,31 +120,33 @@ class _KFACLinear(_Handler):
         self.G = torch.zeros(module.out_features, module.out_features, dtype=torch.float32, device=dev)
         self.a_count = torch.zeros((), dtype=torch.float64, device=dev)
 
-    def on_forward(self, call: _Call, cache: dict) -> None:
-        # q/k/v (and any modules fed the same tensor) share one computation of the input statistics
-        key = (call.inp.data_ptr(), tuple(call.inp.shape), call.inp.dtype, call.mask.data_ptr(), self.approx)
-        if key not in cache:
-            n = call.mask.shape[0]
-            a = _flatten_positions(call.inp, n)
-            m = call.mask
-            if self.approx == KFACApprox.EXPAND:
-                av = a[m] if not bool(m.all()) else a.reshape(-1, a.shape[-1])
-            else:
-                mf = m.unsqueeze(-1).float()
-                av = (a * mf).sum(1) / mf.sum(1).clamp_min(1.0)
-            d = av.shape[1]
-            aat = gram_upper_(torch.zeros(d, d, dtype=torch.float32, device=av.device), av)
-            # the bias column of A: Σ ā (the constant input 1 times the inputs) and the count
-            cache[key] = (aat, av.sum(0), float(av.shape[0]))
-        aat, asum, count = cache[key]
-        d = aat.shape[0]
-        if self.bias is not None:
-            self.A[:d, :d] += aat
-            self.A[:d, d] += asum
-            self.A[d, d] += count
+    def input_key(self, call: _Call) -> tuple:
+        """Calls with equal keys have equal input statistics (q/k/v are fed the same tensor)."""
+        return (call.inp.data_ptr(), tuple(call.inp.shape), call.inp.dtype, call.mask.data_ptr(), self.approx)
+
+    def input_rows(self, call: _Call) -> Tensor:
+        """The rows whose outer products make A: valid positions (expand) or per-example means (reduce)."""
+        n = call.mask.shape[0]
+        a = _flatten_positions(call.inp, n)
+        m = call.mask
+        if self.approx == KFACApprox.EXPAND:
+            return a[m] if not bool(m.all()) else a.reshape(-1, a.shape[-1])
+        mf = m.unsqueeze(-1).float()
+        return (a * mf).sum(1) / mf.sum(1).clamp_min(1.0)
+
+    def add_input_stats(self, aat: Tensor | None, rows: Tensor, asum: Tensor) -> None:
+        """A += [[aat, Σā], [·, count]] (upper triangle); ``aat=None`` forms rowsᵀrows in place."""
+        d = rows.shape[1]
+        top = self.A[:d, :d] if self.bias is not None else self.A
+        if aat is None:
+            gram_upper_(top, rows)
         else:
-            self.A += aat
-        self.a_count += count
+            top += aat
+        if self.bias is not None:
+            # the bias column of A: Σ ā (the constant input 1 times the inputs) and the count
+            self.A[:d, d] += asum
+            self.A[d, d] += rows.shape[0]
+        self.a_count += rows.shape[0]
 
     def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
         n = call.mask.shape[0]
@@ -382,6 +384,30 @@ class _Estimator:
         return False
 
 
+def _accumulate_kfac_inputs(calls: list[_Call]) -> None:
+    """Add every K-FAC call's input statistics, forming each distinct input's Gram matrix once.
+
+    An input seen by one module (the usual case) is accumulated straight into that module's
+    A; an input shared by several (q/k/v) is formed once and added to each.
+    """
+    groups: dict[tuple, list[_Call]] = {}
+    for c in calls:
+        if isinstance(c.handler, _KFACLinear):
+            groups.setdefault(c.handler.input_key(c), []).append(c)
+    for group in groups.values():
+        h0 = group[0].handler
+        assert isinstance(h0, _KFACLinear)
+        rows = h0.input_rows(group[0])
+        asum = rows.sum(0) if any(c.handler.bias is not None for c in group) else rows.new_zeros(())
+        if len(group) == 1:
+            h0.add_input_stats(None, rows, asum)
+            continue
+        d = rows.shape[1]
+        aat = gram_upper_(torch.zeros(d, d, dtype=torch.float32, device=rows.device), rows)
+        for c in group:
+            c.handler.add_input_stats(aat, rows, asum)  # type: ignore[union-attr]
+
+
 def _position_masks(batch: Any) -> list[Tensor]:
     """Candidate (N, T) masks of the batch: every 2-D tensor whose key ends in ``attention_mask``."""
     if not isinstance(batch, Mapping):
@@ -541,6 +567,7 @@ def estimate_fisher(
                 out = predictive_fn(model, batch)
             z, labels, mask = out.flat()
             n_examples += z.shape[0]
+            _accumulate_kfac_inputs(calls)
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
                     raise ValueError(
