@@ -6,11 +6,10 @@ import logging
 import os
 from pathlib import Path
 
-from .serialization import PRIOR_CONFIG_NAME, PriorFileError
+from .serialization import DEFAULT_PRIOR_SUBFOLDER, PRIOR_CONFIG_NAME, PriorFileError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRIOR_SUBFOLDER = "fisher"
 
 
 def resolve_prior_folder(

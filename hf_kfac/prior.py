@@ -61,7 +61,6 @@ from .version import __version__
 
 FORMAT_VERSION = 2  # newest format read; full priors are still written as version 1
 _COMPACT_FORMAT_VERSION = 2
-DEFAULT_PRIOR_SUBFOLDER = "fisher"
 
 
 @dataclass

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 PRIOR_CONFIG_NAME = "prior_config.json"
+DEFAULT_PRIOR_SUBFOLDER = "fisher"  # the prior's folder beside a saved model
 PRIOR_WEIGHTS_PATTERN = "prior{suffix}.safetensors"
 PRIOR_WEIGHTS_NAME = "prior.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
