@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from .compact import StorageConfig
 from .curvature import Curvature, FisherConfig, KFACBlock, PredictiveOutput, estimate_fisher
 from .enums import Accumulation, FisherType, KFACApprox, Likelihood, PenaltyType, Shape, StorageFormat, TaskWeighting
 from .prior import Prior, PriorConfig, TaskRecord
@@ -40,6 +41,7 @@ __all__ = [
     "PriorConfig",
     "PriorFileError",
     "Shape",
+    "StorageConfig",
     "StorageFormat",
     "TaskRecord",
     "TaskWeighting",

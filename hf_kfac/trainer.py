@@ -297,6 +297,13 @@ class ContinualTrainer(Trainer):
                     f"{name}={str(value)!r}, but the prior from {source} was built with {str(stored)!r}; its stored "
                     f"tasks cannot be re-weighted. Leave {name}=None to keep {str(stored)!r}, or start a new prior."
                 )
+        want_storage = args.prior_storage_config
+        if want_storage is not None and want_storage.to_dict() != prior.config.storage.to_dict():
+            raise ValueError(
+                f"prior_storage={args.prior_storage!r}, but the prior from {source} stores its factors as "
+                f"{prior.config.storage.to_dict()}; a prior keeps one storage format for all its tasks. Leave "
+                "prior_storage=None to keep it, or start a new prior."
+            )
         changed = False
         if args.prior_damping is not None and args.prior_damping != prior.config.damping:
             logger.info("Prior damping %g replaced by prior_damping=%g.", prior.config.damping, args.prior_damping)

@@ -15,6 +15,7 @@ Laplace-approximated posterior over all tasks divided by N_new; a larger λ prot
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
@@ -24,6 +25,7 @@ from transformers import TrainingArguments
 
 from .curvature.config import FisherConfig
 from .enums import Accumulation, FisherType, KFACApprox, PenaltyType, Shape, TaskWeighting
+from .compact import StorageConfig
 from .prior import PriorConfig
 
 __all__ = ["ContinualConfig", "PENALTY_SHAPES"]
@@ -157,6 +159,14 @@ class ContinualConfig(TrainingArguments):
             "choices": [m.value for m in TaskWeighting],
         },
     )
+    prior_storage: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "How a new prior stores K-FAC factors: 'full', 'compact' (eigenpairs + remainder, at most the "
+            "model's size), or a JSON object of StorageConfig fields, e.g. '{\"format\": \"compact\", "
+            "\"compute_dtype\": \"bfloat16\"}'; None: the loaded prior's, else 'full'."
+        },
+    )
     prior_subfolder: str = field(
         default="fisher",
         metadata={"help": "Subfolder of the model folder (and of every checkpoint) that holds the prior."},
@@ -219,7 +229,26 @@ class ContinualConfig(TrainingArguments):
             if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) and p for p in v):
                 raise ValueError(f"{name}={v!r} is not valid: it must be a list of fnmatch patterns (strings).")
             setattr(self, name, list(v))
+        self._validate_storage()
         self._validate_subfolder()
+
+    def _validate_storage(self) -> None:
+        value = self.prior_storage
+        if value is None:
+            return
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"prior_storage={self.prior_storage!r} is not valid JSON ({e}).") from None
+        try:
+            StorageConfig.coerce(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"prior_storage={self.prior_storage!r} is not valid: {e} Use 'full', 'compact' or a JSON object of "
+                "StorageConfig fields."
+            ) from None
+        self.prior_storage = value
 
     def _validate_subfolder(self) -> None:
         sub = self.prior_subfolder
@@ -266,6 +295,11 @@ class ContinualConfig(TrainingArguments):
             seed=int(self.seed),
         )
 
+    @property
+    def prior_storage_config(self) -> StorageConfig | None:
+        """``prior_storage`` as a :class:`StorageConfig` (``None`` when unset)."""
+        return None if self.prior_storage is None else StorageConfig.coerce(self.prior_storage)
+
     def to_prior_config(self) -> PriorConfig:
         """The core :class:`PriorConfig` of a new prior; options left at ``None`` take the core defaults."""
         shape = self.prior_shape
@@ -278,4 +312,5 @@ class ContinualConfig(TrainingArguments):
             decay=self.prior_decay if self.prior_decay is not None else default.decay,
             task_weighting=self.prior_task_weighting if self.prior_task_weighting is not None else default.task_weighting,
             damping=self.prior_damping if self.prior_damping is not None else default.damping,
+            storage=self.prior_storage_config,
         )

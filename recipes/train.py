@@ -33,8 +33,10 @@ import yaml
 
 logger = logging.getLogger("hf_kfac.recipe")
 
-METHOD_PENALTY = {"finetune": "none", "l2": "l2", "ewc": "ewc", "kfac": "kfac", "joint": "none"}
-PENALTY_METHODS = ("l2", "ewc", "kfac")
+METHOD_PENALTY = {"finetune": "none", "l2": "l2", "ewc": "ewc", "kfac": "kfac", "kfac-compact": "kfac", "joint": "none"}
+PENALTY_METHODS = ("l2", "ewc", "kfac", "kfac-compact")
+# methods whose prior storage is fixed, whatever --prior_storage says
+METHOD_STORAGE = {"kfac-compact": "compact"}
 
 # Profile presets for the data and budget fields left unset (None) by the config and the command line.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -89,7 +91,8 @@ class RecipeArguments:
     fisher_batch_size: int = field(default=32, metadata={"help": "Batch size of Fisher estimation."})
     kfac_approx: str = field(default="expand", metadata={"help": "expand | reduce"})
     fisher_exclude: str = field(default="", metadata={"help": "Comma-separated fnmatch patterns left out of the prior."})
-    prior_damping: float = field(default=1e-4, metadata={"help": "Damping δ of the prior."})
+    prior_damping: float = field(default=0.0, metadata={"help": "Damping δ of the prior (0: none; the Fisher of a trained linker is tiny, see recipes/README.md)."})
+    prior_storage: str = field(default="full", metadata={"help": "K-FAC prior storage: full | compact (or a JSON object of StorageConfig fields)."})
     prior_accumulation: str = field(default="separate", metadata={"help": "separate | merge"})
     prior_task_weighting: str = field(default="data_size", metadata={"help": "data_size | uniform"})
     prior_decay: float = field(default=1.0, metadata={"help": "Decay γ of older tasks."})
@@ -341,6 +344,11 @@ def lambda_abs(args: RecipeArguments, lam: float, n_train: int) -> float:
     return lam / max(n_train, 1) if args.lambda_relative else lam
 
 
+def method_storage(args: RecipeArguments, method: str) -> str:
+    """The K-FAC prior storage of ``method``: ``kfac-compact`` is always compact, else ``--prior_storage``."""
+    return METHOD_STORAGE.get(method, args.prior_storage)
+
+
 def continual_config(args: RecipeArguments, method: str, lam: float, n_train: int, out: Path, epochs: float,
                      lr: float) -> Any:
     from hf_kfac.trainer_config import ContinualConfig
@@ -361,6 +369,7 @@ def continual_config(args: RecipeArguments, method: str, lam: float, n_train: in
         prior_accumulation=args.prior_accumulation if penalty not in ("none",) and not args.prior else None,
         prior_task_weighting=args.prior_task_weighting if penalty != "none" and not args.prior else None,
         prior_decay=args.prior_decay if penalty != "none" else None,
+        prior_storage=method_storage(args, method) if penalty == "kfac" and not args.prior else None,
         num_train_epochs=epochs,
         learning_rate=lr,
         per_device_train_batch_size=args.batch_size,
@@ -410,7 +419,9 @@ class MethodRun:
                     head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string, prior=a.prior,
                     method=self.method, lam=self.lam, rel=a.lambda_relative, fisher=[a.fisher_type, a.fisher_n_samples,
                     a.fisher_max_examples, a.fisher_batch_size, a.kfac_approx, a.fisher_exclude],
-                    prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay],
+                    prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay]
+                    + ([method_storage(a, self.method)] if method_storage(a, self.method) != "full"
+                       and self.penalty == "kfac" else []),
                     splits=self.splits)
         return _fingerprint(keys)
 

@@ -70,12 +70,14 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
 
     # another method in another directory (with a λ grid chosen on dev), merged into one table
     other = tmp_path / "other"
-    recipe.main(["--config", TINY, "--output_dir", str(other), "--quiet", "--methods", "l2", "--tasks", "A,B,C",
-                 "--lambda_grid", "l2=0.1,10"])
+    recipe.main(["--config", TINY, "--output_dir", str(other), "--quiet", "--methods", "l2,kfac-compact", "--tasks",
+                 "A,B,C", "--lambda_grid", "l2=0.1,10", "--lambdas", "kfac-compact=100", "--save_models", "last"])
     sel = json.loads((other / "runs" / "l2" / "selected.json").read_text())
     assert set(sel["lambda_selection"]) == {"0.1", "10"} and sel["lambda"] in (0.1, 10.0)
+    compact_cfg = json.loads((other / "runs" / "kfac-compact" / "task2-phenotypes" / "fisher" / "prior_config.json").read_text())
+    assert compact_cfg["prior"]["storage"]["format"] == "compact"
     merged = recipe.main(["--config", TINY, "--merge_runs", str(out), str(other), "--output_dir", str(tmp_path / "m")])
-    assert set(merged["methods"]) == {"finetune", "l2", "ewc", "kfac"}
+    assert set(merged["methods"]) == {"finetune", "l2", "ewc", "kfac", "kfac-compact"}
     assert "reduction_ci" in merged["methods"]["l2"]
     assert (tmp_path / "m" / "accuracy.png").is_file()
 

@@ -390,6 +390,24 @@ def test_compact_prior_saved_beside_the_model_references_its_weights(tmp_path: P
         ContinualTrainer(model=other, args=_args(tmp_path / "c"), prior=str(tmp_path / "a"))
 
 
+def test_prior_storage_option_builds_a_compact_prior_and_guards_a_loaded_one(tmp_path: Path) -> None:
+    """prior_storage='compact' gives the new prior compact factors; a loaded prior keeps its own format."""
+    model = make_model("seq", hidden_size=16, intermediate_size=32)
+    trainer = ContinualTrainer(model=model, args=_args(tmp_path / "a", prior_storage="compact"),
+                               train_dataset=make_dataset("seq", 8))
+    trainer.consolidate(task_name="A")
+    assert trainer.prior.config.storage.compact
+    trainer.save_model()
+    cfg = json.loads((tmp_path / "a" / "fisher" / "prior_config.json").read_text())
+    assert cfg["prior"]["storage"]["format"] == "compact"
+    assert cfg["slots"][0]["kfac"] and all(b["format"] == "compact" for b in cfg["slots"][0]["kfac"].values())
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="prior_storage='full'.*one storage format"):
+        ContinualTrainer(model=loaded, args=_args(tmp_path / "b", prior_storage="full"), prior=str(tmp_path / "a"))
+    kept = ContinualTrainer(model=loaded, args=_args(tmp_path / "c"), prior=str(tmp_path / "a"))
+    assert kept.prior.config.storage.compact
+
+
 def test_model_card_tells_the_task_history(tmp_path: Path) -> None:
     pytest.importorskip("hf_kfac.model_card")
     model = make_model("seq")

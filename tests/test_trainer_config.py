@@ -58,6 +58,18 @@ def test_maps_onto_the_core_configs() -> None:
         _cfg(penalty="none").to_prior_config()
 
 
+def test_prior_storage_selects_the_compact_format_from_a_name_or_json() -> None:
+    assert _cfg(penalty="kfac").to_prior_config().storage.compact is False
+    assert _cfg(penalty="kfac", prior_storage="compact").to_prior_config().storage.compact
+    (cfg,) = HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(
+        ["--output_dir", "o", "--penalty", "kfac", "--prior_storage",
+         '{"format": "compact", "rank_fraction": 0.5, "compute_dtype": "bfloat16"}']
+    )
+    st = cfg.to_prior_config().storage
+    assert st.compact and st.rank_fraction == 0.5 and st.compute_dtype == "bfloat16"
+    assert json.loads(cfg.to_json_string())["prior_storage"]["rank_fraction"] == 0.5
+
+
 def test_parses_from_the_command_line_and_serialises() -> None:
     (cfg,) = HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(
         ["--output_dir", "o", "--use_cpu", "true", "--penalty", "ewc", "--penalty_lambda", "0.25",
@@ -92,6 +104,9 @@ def test_parses_from_the_command_line_and_serialises() -> None:
         (dict(prior_decay=0.0), "prior_decay=0.0", "(0, 1]"),
         (dict(prior_decay=1.5), "prior_decay=1.5", "(0, 1]"),
         (dict(fisher_exclude=[3]), "fisher_exclude=[3]", "patterns"),
+        (dict(prior_storage="tiny"), "prior_storage='tiny'", "'full', 'compact'"),
+        (dict(prior_storage='{"format": "compact", "rank": 0}'), "prior_storage=", "rank must be an integer >= 1"),
+        (dict(prior_storage="{oops"), "prior_storage='{oops'", "not valid JSON"),
         (dict(prior_subfolder=""), "prior_subfolder=''", "non-empty"),
         (dict(prior_subfolder="../up"), "prior_subfolder='../up'", "relative"),
         (dict(prior_subfolder="/abs"), "prior_subfolder='/abs'", "relative"),
