@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) install -q -e ".[bench]"
-	$(PIP) install -q --no-deps curvlinops-for-pytorch
+	$(PIP) install -q --no-deps curvlinops-for-pytorch==3.0.1
 	$(PY) benchmarks/run.py
 
 clean:

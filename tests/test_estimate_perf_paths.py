@@ -10,7 +10,7 @@ from hf_kfac import estimate_fisher
 from hf_kfac.curvature.estimate import _gram_cuts, gram_upper_, symmetric_from_upper
 
 
-@pytest.mark.parametrize("d", [5, 1023, 1024, 1537, 2100])
+@pytest.mark.parametrize("d", [5, 255, 256, 383, 1023, 1537, 3072])
 def test_blocked_gram_equals_full_product(d: int) -> None:
     g = torch.Generator().manual_seed(d)
     x = torch.randn(37, d, generator=g, dtype=torch.float64)
@@ -21,7 +21,7 @@ def test_blocked_gram_equals_full_product(d: int) -> None:
     torch.testing.assert_close(full, 2 * x.T @ x)
     assert torch.equal(full, full.T)
     cuts = _gram_cuts(d)
-    assert cuts[0] == 0 and cuts[-1] == d and (len(cuts) > 2) == (d >= 1024)
+    assert cuts[0] == 0 and cuts[-1] == d and (len(cuts) > 2) == (d >= 256)
 
 
 def test_wide_linear_factors_match_dense_reference() -> None:
@@ -51,3 +51,29 @@ def test_wide_linear_factors_match_dense_reference() -> None:
     v = torch.softmax(logits, -1) - nn.functional.one_hot(batch["labels"], 4)
     gpos = (v.unsqueeze(1) / 3).expand(12, 3, 4)[mask]
     torch.testing.assert_close(block.G, gpos.T @ gpos / 12, rtol=1e-5, atol=1e-7)
+
+
+def test_factors_start_empty_yet_unused_layers_come_out_zero() -> None:
+    """Accumulators are not zero-filled up front: a Linear no batch reaches must still give exact zeros,
+    and two batches must add up (the first one overwrites, the second accumulates)."""
+    torch.manual_seed(1)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(300, 5)
+            self.unused = nn.Linear(300, 300)
+
+        def forward(self, input_ids, attention_mask, labels=None):  # noqa: ARG002
+            return {"logits": self.used(input_ids).mean(1)}
+
+    m = M()
+    batches = [{"input_ids": torch.randn(4, 2, 300), "attention_mask": torch.ones(4, 2, dtype=torch.bool),
+                "labels": torch.randint(0, 5, (4,))} for _ in range(2)]
+    both = estimate_fisher(m, batches, shape="kfac", fisher_type="empirical", progress=False, max_factor_ratio=1e9)
+    assert torch.equal(both.kfac["unused"].A, torch.zeros(301, 301))
+    assert torch.equal(both.kfac["unused"].G, torch.zeros(300, 300))
+    ones = [estimate_fisher(m, [b], shape="kfac", fisher_type="empirical", progress=False, max_factor_ratio=1e9)
+            for b in batches]
+    torch.testing.assert_close(both.kfac["used"].A, (ones[0].kfac["used"].A + ones[1].kfac["used"].A) / 2)
+    torch.testing.assert_close(both.kfac["used"].G, (ones[0].kfac["used"].G + ones[1].kfac["used"].G) / 2)
