@@ -17,11 +17,32 @@ from torch import Tensor, nn
 
 
 def _delta(w: Tensor, b: Tensor | None, anchor: Tensor) -> Tensor:
-    """ΔW̃ = [W − W*, b − b*] in float32."""
-    wt = w.detach()
-    if b is not None:
-        wt = torch.cat([wt, b.detach().unsqueeze(1)], dim=1)
-    return wt.float() - anchor
+    """ΔW̃ = [W − W*, b − b*] in float32 (one pass: the differences are written into place)."""
+    if b is None:
+        return w.detach().float() - anchor
+    out = torch.empty(anchor.shape, dtype=torch.float32, device=anchor.device)
+    torch.sub(w.detach().float(), anchor[:, :-1], out=out[:, :-1])
+    torch.sub(b.detach().float(), anchor[:, -1], out=out[:, -1])
+    return out
+
+
+class _SkipWhileStill:
+    """Skips a term while its Δ is exactly zero (the first step after consolidation).
+
+    The check costs a pass over Δ and a sync, so it is made only until Δ is first nonzero:
+    afterwards the weights have moved and stay off the anchor in practice (and a zero Δ
+    would give the right value and gradient, 0, anyway).
+    """
+
+    moved: bool = False
+
+    def still(self, delta: Tensor) -> bool:
+        if self.moved:
+            return False
+        if not torch.any(delta):
+            return True
+        self.moved = True
+        return False
 
 
 def _split(m: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -31,7 +52,7 @@ def _split(m: Tensor, has_bias: bool) -> tuple[Tensor, Tensor | None]:
 
 
 @dataclass
-class KFACTerm:
+class KFACTerm(_SkipWhileStill):
     """½ ⟨ΔW̃, G ΔW̃ A⟩ for one Linear, with ΔW̃ = [W − W*, b − b*] (weights folded into G)."""
 
     weight: str
@@ -43,7 +64,7 @@ class KFACTerm:
     def apply(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """Return (value, ∂/∂W, ∂/∂b), or None when ΔW̃ = 0."""
         delta = _delta(w, b, self.anchor)
-        if not torch.any(delta):
+        if self.still(delta):
             return None
         m = self.G @ (delta @ self.A)
         value = 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1))
@@ -95,7 +116,7 @@ class FactorOp:
 
 
 @dataclass
-class CompactKFACTerm:
+class CompactKFACTerm(_SkipWhileStill):
     """½ ⟨ΔW̃, G̃ ΔW̃ Ã⟩ with factors in compact (low rank + diagonal) or dense form."""
 
     weight: str
@@ -106,7 +127,7 @@ class CompactKFACTerm:
 
     def apply(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None] | None:
         delta = _delta(w, b, self.anchor)
-        if not torch.any(delta):
+        if self.still(delta):
             return None
         m = self.G.left(self.A.right(delta))
         value = 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1))
@@ -114,7 +135,7 @@ class CompactKFACTerm:
 
 
 @dataclass
-class DiagTerm:
+class DiagTerm(_SkipWhileStill):
     """½ Σ d ⊙ (θ − θ*)² for one parameter (d may be a scalar for an L2 term)."""
 
     param: str
@@ -124,7 +145,7 @@ class DiagTerm:
     def apply(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
         """Return (value, ∂/∂θ), or None when Δθ = 0."""
         delta = p.detach().float() - self.anchor
-        if not torch.any(delta):
+        if self.still(delta):
             return None
         m = self.d * delta
         return 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1)), m
@@ -168,10 +189,12 @@ class _PenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         out = []
         scale = grad_out * ctx.lam
+        # the usual case (λ folded into the terms, loss not rescaled): no pass over the gradients
+        unit = scale.device.type == "cpu" and float(scale) == 1.0
         for name, dtype in zip(ctx.names, ctx.dtypes):
             g = ctx.grads.get(name)
             # the buffers were made in forward for this call only: scale them in place
-            out.append(None if g is None else g.mul_(scale).to(dtype))
+            out.append(None if g is None else (g if unit else g.mul_(scale)).to(dtype))
         ctx.grads = None
         return (None, None, None, *out)
 

@@ -314,16 +314,23 @@ class Prior:
         return sum(t.numel() * t.element_size() for k, t in self.state_dict().items() if anchors or ".anchor." not in k)
 
     # ------------------------------------------------------------------ penalty
-    def penalty_terms(self, device: torch.device | str = "cpu") -> QuadraticPenalty:
-        """The damped, weighted terms of the penalty on ``device`` (cached)."""
+    def penalty_terms(self, device: torch.device | str = "cpu", scale: float = 1.0) -> QuadraticPenalty:
+        """The damped terms of the penalty on ``device``, each weighted by ``scale``·c_s (cached).
+
+        :meth:`penalty` passes ``scale`` = λ, so that λ rides in the factors instead of costing a
+        pass over every gradient at each step; the cache keeps the terms of the latest λ per device.
+        """
         device = torch.device(device)
-        key = (device.type, device.index)
+        key = (device.type, device.index, float(scale))
         if key in self._penalty_cache:
             return self._penalty_cache[key]
+        for old in [k for k in self._penalty_cache if k[:2] == key[:2]]:
+            del self._penalty_cache[old]
         delta = float(self.config.damping)
         kfac_terms: list[KFACTerm] = []
         diag_terms: list[DiagTerm] = []
         for slot, c in zip(self.slots, self.slot_weights()):
+            c = c * float(scale)
             anchor = {k: v.to(device) for k, v in slot.anchor.items()}
             if slot.curvature is None:
                 for pname, a in anchor.items():
@@ -359,7 +366,7 @@ class Prior:
         if not self.slots:
             return torch.zeros(())
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        return self.penalty_terms(device)(params, lam)
+        return self.penalty_terms(device, lam)(params, 1.0)
 
     # -------------------------------------------------------------- compatibility
     def check_compatible(self, model: nn.Module) -> None:
