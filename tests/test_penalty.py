@@ -81,6 +81,34 @@ def test_penalty_is_zero_with_zero_gradient_at_the_anchor() -> None:
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("compact", [False, True])
+def test_penalty_stays_exact_across_lambda_changes_loss_scaling_and_returns_to_the_anchor(compact: bool) -> None:
+    """λ rides in the cached terms and the zero-Δ skip is checked only until the weights move: the value
+    and gradient must still equal the dense form for a new λ, a rescaled loss, and back at the anchor."""
+    model = _linear_model()
+    curv = _curvature(model, torch.Generator().manual_seed(3))
+    opts = {"storage": {"format": "compact", "rank_fraction": 1.0, "eigenvector_dtype": "float32"}} if compact else {}
+    prior = Prior(shape="kfac", task_weighting="uniform", **opts)
+    prior.add_task(model, curv, "a")
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert prior.penalty(model, 2.0).item() == 0.0  # at the anchor: every term skipped
+    for step, (lam, loss_scale) in enumerate([(2.0, 1.0), (2.0, 0.25), (5.0, 1.0), (5.0, 3.0)]):
+        _perturb(model, 0.2, 10 + step)
+        ours = loss_scale * prior.penalty(model, lam)
+        grads = torch.autograd.grad(ours, list(model.parameters()))
+        ref = loss_scale * _dense_penalty(model, anchor, curv, lam, 1.0)
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            p.copy_(anchor[k])
+    back = prior.penalty(model, 5.0)
+    assert back.item() == 0.0
+    assert all(not g.any() for g in torch.autograd.grad(back, list(model.parameters()), allow_unused=True) if g is not None)
+
+
 def test_separate_sums_tasks_with_data_weights_and_decay() -> None:
     model = _linear_model()
     g = torch.Generator().manual_seed(3)
