@@ -54,6 +54,17 @@ def main() -> None:
         if state.is_main_process:
             save_file(flat(curv), os.path.join(sys.argv[1], f"{shape}-{ft}-{approx}.safetensors"))
     print(f"rank {state.process_index} distributed_type={state.distributed_type}")
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """Leave the process group together: exiting with gloo's threads still live can abort a rank
+    ("terminate called without an active exception") on a loaded machine."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,17 @@ def main() -> None:
         trainer.save_model()
     assert trainer is not None
     print(f"rank {trainer.args.process_index} of {trainer.args.world_size} distributed_type={trainer.accelerator.distributed_type.value}", flush=True)
+    _shut_down()
+
+
+def _shut_down() -> None:
+    """Leave the process group together: exiting with gloo's threads still live can abort a rank
+    ("terminate called without an active exception") on a loaded machine."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
