@@ -203,7 +203,8 @@ def test_compact_round_trip_is_bit_exact_and_keeps_bf16(tiny_setup, tmp_path: Pa
     assert loaded.config == comp.config
     m = copy.deepcopy(model)
     _perturb(m, 0.05, 7)
-    assert torch.equal(loaded.penalty(m, 1.0), comp.penalty(m, 1.0))
+    # the tensors are equal bit for bit (above); the products may differ in the last bit with layout
+    torch.testing.assert_close(loaded.penalty(m, 1.0), comp.penalty(m, 1.0), rtol=1e-6, atol=0.0)
 
 
 def test_full_priors_keep_format_version_1(tiny_setup, tmp_path: Path) -> None:
@@ -266,7 +267,10 @@ def test_anchor_is_stored_by_reference_only_when_it_equals_the_model(tiny_setup,
     cfg = json.loads((mid / "prior_config.json").read_text())
     assert "anchor_ref" not in cfg["slots"][0]
     again = Prior.from_pretrained(mid)
-    assert torch.equal(again.penalty(moved, 1.0), comp.penalty(moved, 1.0))
+    for k, v in comp.slots[0].anchor.items():
+        assert torch.equal(again.slots[0].anchor[k], v)
+    # same numbers; the products may run through differently laid-out tensors, so not bit for bit
+    torch.testing.assert_close(again.penalty(moved, 1.0), comp.penalty(moved, 1.0), rtol=1e-6, atol=0.0)
     # anchor="copy" never references
     copy_prior = Prior(shape="kfac", accumulation="merge", storage={"format": "compact", "anchor": "copy"})
     copy_prior.add_task(model, curvs[0], "a")
