@@ -287,18 +287,10 @@ def add_head(args: RecipeArguments, model: Any, tokenizer: Any, task: Any) -> No
 
 def _pooled(model: Any, tokenizer: Any, texts: list[str], args: RecipeArguments):
     """Un-normalised pooled embeddings (the classifier head's input) of ``texts``."""
-    import torch
+    from hf_kfac.el.evaluation import map_texts
 
-    from hf_kfac.el.evaluation import _batches_by_length
-
-    was = model.training
-    model.eval()
-    out = torch.empty(len(texts), int(model.config.hidden_size))
-    with torch.no_grad():
-        for pos, ids, am in _batches_by_length(tokenizer, texts, args.eval_batch_size, args.max_length):
-            out[pos] = model.embed(ids, am).float()
-    model.train(was)
-    return out
+    return map_texts(model, tokenizer, texts, model.embed, int(model.config.hidden_size), args.eval_batch_size,
+                     args.max_length)
 
 
 # ------------------------------------------------------------------ one method's run
@@ -412,6 +404,7 @@ class MethodRun:
 
     def fingerprint(self) -> str:
         a = self.args
+        storage = method_storage(a, self.method)
         keys = dict(model=a.model, encoder=a.encoder, tasks=[t.name for t in self.tasks],
                     n_concepts=a.n_concepts, max_train=a.max_train, max_eval=a.max_eval, subset_seed=a.subset_seed,
                     require=a.require_eval_concepts, seed=a.seed, epochs=a.epochs, lr=a.learning_rate,
@@ -420,8 +413,7 @@ class MethodRun:
                     method=self.method, lam=self.lam, rel=a.lambda_relative, fisher=[a.fisher_type, a.fisher_n_samples,
                     a.fisher_max_examples, a.fisher_batch_size, a.kfac_approx, a.fisher_exclude],
                     prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay]
-                    + ([method_storage(a, self.method)] if method_storage(a, self.method) != "full"
-                       and self.penalty == "kfac" else []),
+                    + ([storage] if storage != "full" and self.penalty == "kfac" else []),
                     splits=self.splits)
         return _fingerprint(keys)
 

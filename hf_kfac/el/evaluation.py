@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .metrics import bootstrap_ci, concept_ranks_from_string_scores, target_ranks
 from .task import ELTask
@@ -122,45 +123,36 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def map_texts(model: Any, tokenizer: Any, texts: Sequence[str], fn: Callable[[Tensor, Tensor], Tensor], width: int,
+              batch_size: int = 256, max_length: int = 32) -> Tensor:
+    """Rows ``fn(input_ids, attention_mask)`` for ``texts`` in eval mode: ``(n, width)`` float32 on CPU, in order.
+
+    Texts are batched by length (:func:`_batches_by_length`); the model's train/eval mode is restored.
+    """
+    was = model.training
+    model.eval()
+    dev = _device(model)
+    out = torch.empty(len(texts), width)
+    try:
+        for pos, ids, am in _batches_by_length(tokenizer, texts, batch_size, max_length):
+            out[pos] = fn(ids.to(dev), am.to(dev)).float().cpu()
+    finally:
+        model.train(was)
+    return out
+
+
 def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 256,
-                 max_length: int = 32) -> torch.Tensor:
+                 max_length: int = 32) -> Tensor:
     """L2-normalised bi-encoder embeddings ``(n, D)`` (float32, CPU), in the order of ``texts``."""
-    was = model.training
-    model.eval()
-    dev = _device(model)
-    out: torch.Tensor | None = None
-    try:
-        for pos, ids, am in _batches_by_length(tokenizer, texts, batch_size, max_length):
-            e = model.encode(ids.to(dev), am.to(dev)).float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), e.shape[1])
-            out[pos] = e
-    finally:
-        model.train(was)
-    if out is None:
-        return torch.empty(0, int(model.config.hidden_size))
-    return out
+    return map_texts(model, tokenizer, texts, model.encode, int(model.config.hidden_size), batch_size, max_length)
 
 
-@torch.no_grad()
 def classifier_logits(model: Any, tokenizer: Any, texts: Sequence[str], task: str, batch_size: int = 256,
-                      max_length: int = 32) -> torch.Tensor:
+                      max_length: int = 32) -> Tensor:
     """Logits ``(n, C)`` of ``task``'s head for ``texts``."""
-    was = model.training
-    model.eval()
-    dev = _device(model)
-    out: torch.Tensor | None = None
-    try:
-        for pos, ids, am in _batches_by_length(tokenizer, texts, batch_size, max_length):
-            z = model(input_ids=ids.to(dev), attention_mask=am.to(dev), task=task).logits.float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), z.shape[1])
-            out[pos] = z
-    finally:
-        model.train(was)
-    if out is None:
-        return torch.empty(0, len(model.concept_ids(task)))
-    return out
+    return map_texts(model, tokenizer, texts,
+                     lambda ids, am: model(input_ids=ids, attention_mask=am, task=task).logits,
+                     len(model.concept_ids(task)), batch_size, max_length)
 
 
 def _result(task: str, split: str, ranks: torch.Tensor | np.ndarray, n_boot: int, seed: int,

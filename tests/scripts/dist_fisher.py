@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from oracles import tiny_bert_config  # noqa: E402
+from trainer_fixtures import leave_process_group  # noqa: E402
 from transformers import BertForTokenClassification  # noqa: E402
 
 from hf_kfac import estimate_fisher  # noqa: E402
@@ -54,17 +55,7 @@ def main() -> None:
         if state.is_main_process:
             save_file(flat(curv), os.path.join(sys.argv[1], f"{shape}-{ft}-{approx}.safetensors"))
     print(f"rank {state.process_index} distributed_type={state.distributed_type}")
-    _shut_down()
-
-
-def _shut_down() -> None:
-    """Leave the process group together: exiting with gloo's threads still live can abort a rank
-    ("terminate called without an active exception") on a loaded machine."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from trainer_fixtures import sgd_args  # noqa: E402
+from trainer_fixtures import leave_process_group, sgd_args  # noqa: E402
 
 
 def main() -> None:
@@ -65,17 +65,7 @@ def main() -> None:
         trainer.save_model()
     assert trainer is not None
     print(f"rank {trainer.args.process_index} of {trainer.args.world_size} distributed_type={trainer.accelerator.distributed_type.value}", flush=True)
-    _shut_down()
-
-
-def _shut_down() -> None:
-    """Leave the process group together: exiting with gloo's threads still live can abort a rank
-    ("terminate called without an active exception") on a loaded machine."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -249,3 +249,13 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def leave_process_group() -> None:
+    """End a torchrun script: leave the process group together (exiting with gloo's threads still live
+    can abort a rank, "terminate called without an active exception", on a loaded machine)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
