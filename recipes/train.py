@@ -803,6 +803,27 @@ def select_lambda(method: str, states: dict[float, dict[str, Any]], run_root: Pa
     return chosen
 
 
+def finished_grid_runs(args: RecipeArguments, method: str, tasks: list[Any], root: Path, splits: list[str],
+                       shared: Path, skip: set[float]) -> dict[float, dict[str, Any]]:
+    """Complete runs of other λ values under ``root/lambda-*`` made with the same options (e.g. by
+    other processes, one grid value each): they take part in the λ selection."""
+    found: dict[float, dict[str, Any]] = {}
+    for d in sorted(root.glob("lambda-*")):
+        path = d / "progress.json"
+        if not path.is_file():
+            continue
+        st = json.loads(path.read_text())
+        lam = st.get("lambda")
+        if lam is None or lam in skip or not st.get("complete"):
+            continue
+        if st.get("fingerprint") != MethodRun(args, method, lam, tasks, d, splits, shared).fingerprint():
+            logger.warning("[%s] %s was run with other options; left out of the λ selection", method, d)
+            continue
+        logger.info("[%s] λ=%g: finished run found in %s, included in the λ selection", method, lam, d)
+        found[lam] = st
+    return found
+
+
 def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[str, Any]:
     """For each task in turn (fine-tuning), the (epochs, learning_rate) with the best dev acc@1 on that task."""
     import torch
@@ -891,7 +912,11 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     fixed = parse_method_values(args.lambdas, methods)
     grids = parse_method_values(args.lambda_grid, methods)
     splits = _split(args.eval_splits)
-    if any(m in grids and len(grids[m]) > 1 for m in methods) and "dev" not in splits:
+    several = [m for m, v in fixed.items() if len(v) > 1 and m not in grids]
+    if several:
+        raise ValueError(f"--lambdas gives {len(fixed[several[0]])} values for {several[0]}: give one per method, "
+                         f"or search several on dev with --lambda_grid")
+    if any(m in grids for m in methods) and "dev" not in splits:
         splits.append("dev")
     if args.report_split not in splits:
         splits.append(args.report_split)
@@ -902,14 +927,14 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             states[m] = MethodRun(args, m, None, tasks, out_dir / "runs" / m, splits, shared).run()
             states[m]["run_dir"] = str(out_dir / "runs" / m)
             continue
-        lams = grids.get(m) or fixed.get(m) or [1.0]
-        if len(lams) == 1:
-            states[m] = MethodRun(args, m, lams[0], tasks, out_dir / "runs" / m, splits, shared).run()
+        if m not in grids:
+            states[m] = MethodRun(args, m, (fixed.get(m) or [1.0])[0], tasks, out_dir / "runs" / m, splits, shared).run()
             states[m]["run_dir"] = str(out_dir / "runs" / m)
             continue
-        per_lam = {lam: MethodRun(args, m, lam, tasks, out_dir / "runs" / m / f"lambda-{lam:g}", splits, shared).run()
-                   for lam in lams}
-        states[m] = select_lambda(m, per_lam, out_dir / "runs" / m)
+        root = out_dir / "runs" / m
+        per_lam = {lam: MethodRun(args, m, lam, tasks, root / f"lambda-{lam:g}", splits, shared).run() for lam in grids[m]}
+        per_lam.update(finished_grid_runs(args, m, tasks, root, splits, shared, skip=set(per_lam)))
+        states[m] = select_lambda(m, per_lam, root)
     results = summarize(args, states, out_dir, {"wall_time_s": round(time.perf_counter() - t_start, 1)})
     if args.save_models == "none":
         shutil.rmtree(shared, ignore_errors=True)

@@ -29,6 +29,9 @@ def test_yaml_config_and_cli_overrides(tmp_path: Path) -> None:
     cfg.write_text("profile: tiny\nnot_an_option: 1\n")
     with pytest.raises(ValueError, match="not_an_option"):
         recipe.parse_args(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="--lambda_grid"):  # several fixed λ for one method: a grid was meant
+        recipe.main(["--config", TINY, "--lambdas", "ewc=1,10", "--output_dir", str(tmp_path / "x"), "--quiet"])
+    assert not (tmp_path / "x" / "runs").exists()  # refused before any work
     with pytest.raises(ValueError, match="unknown method"):
         recipe.parse_args(["--config", TINY, "--methods", "finetune,sgd"])
 
@@ -68,12 +71,19 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     again = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--save_models", "last"])
     assert again["methods"]["ewc"]["R"] == data["methods"]["ewc"]["R"]
 
-    # another method in another directory (with a λ grid chosen on dev), merged into one table
+    # another method in another directory, with a λ grid chosen on dev and split over two calls
+    # (as two processes would run it): the second call's selection covers both λ
     other = tmp_path / "other"
     recipe.main(["--config", TINY, "--output_dir", str(other), "--quiet", "--methods", "l2,kfac-compact", "--tasks",
-                 "A,B,C", "--lambda_grid", "l2=0.1,10", "--lambdas", "kfac-compact=100", "--save_models", "last"])
+                 "A,B,C", "--lambda_grid", "l2=0.1", "--lambdas", "kfac-compact=100", "--save_models", "last"])
+    sel = json.loads((other / "runs" / "l2" / "selected.json").read_text())
+    assert set(sel["lambda_selection"]) == {"0.1"} and (other / "runs" / "l2" / "lambda-0.1" / "progress.json").is_file()
+    recipe.main(["--config", TINY, "--output_dir", str(other), "--quiet", "--methods", "l2", "--lambda_grid", "l2=10",
+                 "--save_models", "last"])
     sel = json.loads((other / "runs" / "l2" / "selected.json").read_text())
     assert set(sel["lambda_selection"]) == {"0.1", "10"} and sel["lambda"] in (0.1, 10.0)
+    best = max(sel["lambda_selection"].items(), key=lambda kv: (kv[1], -float(kv[0])))[0]
+    assert sel["lambda"] == float(best)  # the best final average dev accuracy of the two runs
     compact_cfg = json.loads((other / "runs" / "kfac-compact" / "task2-phenotypes" / "fisher" / "prior_config.json").read_text())
     assert compact_cfg["prior"]["storage"]["format"] == "compact"
     merged = recipe.main(["--config", TINY, "--merge_runs", str(out), str(other), "--output_dir", str(tmp_path / "m")])
