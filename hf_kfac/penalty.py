@@ -98,7 +98,7 @@ class FactorOp:
         if not self._lowp:
             return torch.addmm(x * self.r, (x @ self.U) * self.w, self.U.T)
         p = (x.to(self.U.dtype) @ self.U).float().mul_(self.w).to(self.U.dtype)
-        return (x * self.r).add_((p @ self.U.T).float())
+        return (p @ self.U.T).float().addcmul_(x, self.r)
 
     def left(self, x: Tensor) -> Tensor:
         """F x (F acts on columns: the output side)."""
@@ -107,7 +107,7 @@ class FactorOp:
         if not self._lowp:
             return torch.addmm(x * self.r.unsqueeze(1), self.U, (self.U.T @ x) * self.w.unsqueeze(1))
         p = (self.U.T @ x.to(self.U.dtype)).float().mul_(self.w.unsqueeze(1)).to(self.U.dtype)
-        return (x * self.r.unsqueeze(1)).add_((self.U @ p).float())
+        return (self.U @ p).float().addcmul_(x, self.r.unsqueeze(1))
 
     def scaled(self, c: float) -> "FactorOp":
         if self.dense is not None:
