@@ -82,8 +82,13 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
                  "--save_models", "last"])
     sel = json.loads((other / "runs" / "l2" / "selected.json").read_text())
     assert set(sel["lambda_selection"]) == {"0.1", "10"} and sel["lambda"] in (0.1, 10.0)
-    best = max(sel["lambda_selection"].items(), key=lambda kv: (kv[1], -float(kv[0])))[0]
-    assert sel["lambda"] == float(best)  # the best final average dev accuracy of the two runs
+    # oracle: each run's final average dev acc@1, read from its own saved evaluation rows
+    dev_avg = {}
+    for lam in (0.1, 10.0):
+        last = json.loads((other / "runs" / "l2" / f"lambda-{lam:g}" / "progress.json").read_text())["rows"][-1]["dev"]
+        dev_avg[lam] = sum(r["acc1"] for r in last) / len(last)
+        assert sel["lambda_selection"][f"{lam:g}"] == pytest.approx(dev_avg[lam])
+    assert sel["lambda"] == max(sorted(dev_avg), key=lambda k: (dev_avg[k], -k))  # best dev average, ties: smaller λ
     compact_cfg = json.loads((other / "runs" / "kfac-compact" / "task2-phenotypes" / "fisher" / "prior_config.json").read_text())
     assert compact_cfg["prior"]["storage"]["format"] == "compact"
     merged = recipe.main(["--config", TINY, "--merge_runs", str(out), str(other), "--output_dir", str(tmp_path / "m")])
