@@ -134,6 +134,13 @@ class CompactKFACTerm(_SkipWhileStill):
         return (value, *_split(m, b is not None))
 
 
+# Elements per piece of a large diagonal term on CPU (2 MiB of float32): Δ, d⊙Δ and their dot
+# product are formed piece by piece while the piece is still in cache, instead of in three
+# whole-tensor passes. It halves the cost of the word-embedding term (30522 × 384 in MiniLM).
+# On accelerators the whole-tensor ops stay (one kernel each, no host sync per piece).
+DIAG_CHUNK = 1 << 19
+
+
 @dataclass
 class DiagTerm(_SkipWhileStill):
     """½ Σ d ⊙ (θ − θ*)² for one parameter (d may be a scalar for an L2 term)."""
@@ -143,12 +150,36 @@ class DiagTerm(_SkipWhileStill):
     d: Tensor
 
     def apply(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
-        """Return (value, ∂/∂θ), or None when Δθ = 0."""
+        """Return (value, ∂/∂θ = d ⊙ Δθ), or None when Δθ = 0."""
+        if (p.device.type == "cpu" and p.numel() > DIAG_CHUNK and p.is_contiguous() and self.anchor.is_contiguous()
+                and (self.d.dim() == 0 or self.d.shape == self.anchor.shape)):
+            return self._apply_chunked(p)
         delta = p.detach().float() - self.anchor
         if self.still(delta):
             return None
         m = self.d * delta
         return 0.5 * torch.dot(delta.reshape(-1), m.reshape(-1)), m
+
+    def _apply_chunked(self, p: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The same in pieces of DIAG_CHUNK elements: memory traffic of one read of θ, θ*, d and one write."""
+        flat_p, flat_a = p.detach().reshape(-1), self.anchor.reshape(-1)
+        flat_d = self.d.reshape(-1) if self.d.dim() else self.d
+        m = torch.empty(self.anchor.shape, dtype=torch.float32, device=self.anchor.device)
+        flat_m = m.view(-1)
+        buf = torch.empty(min(DIAG_CHUNK, flat_a.numel()), dtype=torch.float32, device=self.anchor.device)
+        value = torch.zeros((), dtype=torch.float32, device=self.anchor.device)
+        moved = self.moved
+        for s in range(0, flat_a.numel(), DIAG_CHUNK):
+            e = min(s + DIAG_CHUNK, flat_a.numel())
+            delta = buf[: e - s]
+            torch.sub(flat_p[s:e], flat_a[s:e], out=delta)
+            moved = moved or bool(torch.any(delta))
+            torch.mul(flat_d[s:e] if self.d.dim() else flat_d, delta, out=flat_m[s:e])
+            value += torch.dot(delta, flat_m[s:e])
+        if not moved:
+            return None
+        self.moved = True
+        return 0.5 * value, m
 
 
 class _PenaltyFunction(torch.autograd.Function):

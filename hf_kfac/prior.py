@@ -647,7 +647,11 @@ def _factor_op(F: CompactFactor, residual: Tensor, dtype: torch.dtype) -> Factor
     # U diag(w) Uᵀ x costs 4·k flops per entry of x, a dense factor 2·d: keep the cheaper
     if 2 * F.rank > F.dim:
         return FactorOp(dense=CompactFactor(F.eigvecs, F.eigvals, residual).dense().to(dtype))
-    return FactorOp(U=F.eigvecs.to(dtype).contiguous(), w=F.eigvals.float(), r=residual.float())
+    # U is kept column-major (Uᵀ contiguous). Both products of each side (x U, p Uᵀ and Uᵀ x, U p)
+    # then run about twice as fast on CPU in bfloat16, and the MiniLM compact penalty in float32
+    # about a third faster, than with a row-major U (one thread, this project's CPU).
+    U = F.eigvecs.to(dtype).T.contiguous().T
+    return FactorOp(U=U, w=F.eigvals.float(), r=residual.float())
 
 
 def damp_factors(A: Tensor, G: Tensor, delta: float) -> tuple[Tensor, Tensor]:

@@ -216,6 +216,35 @@ def test_identity_prior_is_plain_l2() -> None:
     torch.testing.assert_close(prior.penalty(model, 2.0), ref)
 
 
+@pytest.mark.parametrize("shape", ["diag", "identity"])
+def test_large_diagonal_terms_taken_in_pieces_match_autograd_of_the_plain_sum(shape: str) -> None:
+    """A parameter over DIAG_CHUNK elements (an embedding) is penalised piece by piece on CPU, with a
+    ragged last piece; value and gradient must equal autograd of ½ λ Σ d Δθ², and a single moved row
+    must be seen."""
+    from hf_kfac.penalty import DIAG_CHUNK
+
+    emb = nn.Embedding(DIAG_CHUNK // 100 + 77, 100)
+    assert emb.weight.numel() > DIAG_CHUNK and emb.weight.numel() % DIAG_CHUNK != 0
+    g = torch.Generator().manual_seed(4)
+    d = torch.rand(emb.weight.shape, generator=g)
+    prior = Prior(shape=shape, task_weighting="uniform")
+    prior.add_task(emb, Curvature(diag={"weight": d}, n_examples=1) if shape == "diag" else None, "a")
+    anchor = emb.weight.detach().clone()
+    scale = d if shape == "diag" else torch.ones(())
+    assert prior.penalty(emb, 2.0).item() == 0.0
+    with torch.no_grad():
+        emb.weight[-1].add_(0.5)  # one row of the last piece moves
+    for _ in range(2):
+        ours = prior.penalty(emb, 2.0)
+        (grad,) = torch.autograd.grad(ours, [emb.weight])
+        ref = 0.5 * 2.0 * (scale.double() * (emb.weight.double() - anchor.double()) ** 2).sum()
+        (ref_grad,) = torch.autograd.grad(ref, [emb.weight])
+        torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-8)
+        assert ours.item() > 0
+        _perturb(emb, 0.1, 13)
+
+
 def test_penalty_on_bert_from_estimated_fisher_matches_dense_form() -> None:
     from hf_kfac import estimate_fisher
 
