@@ -53,7 +53,7 @@ SIZES = {
                    peer_batch=32, peer_batches=2, peer_rounds=3, trained_steps=3),
     "bert_base": dict(step_batch=16, step_rounds=3, est_batch=16, est_batches=2, est_rounds=2, diag_rounds=1,
                       fisher_batch=16, fisher_batches=2, diag_batch=8, diag_batches=1, train_batch=16, train_steps=2,
-                      peer_batch=16, peer_batches=1, peer_rounds=2, trained_steps=2),
+                      peer_batch=16, peer_batches=1, peer_rounds=5, trained_steps=2),
 }
 QUICK = {
     "minilm": dict(step_rounds=3, est_batches=2, est_rounds=1, diag_rounds=1, fisher_batches=2, diag_batches=1,
