@@ -163,17 +163,15 @@ class DiagTerm(_SkipWhileStill):
         flat_m = m.view(-1)
         buf = torch.empty(min(step, n), dtype=torch.float32, device=dev)
         value = torch.zeros((), dtype=torch.float32, device=dev)
-        moved = self.moved
         for s in range(0, n, step):
             e = min(s + step, n)
             delta = buf[: e - s]
             torch.sub(flat_p[s:e], flat_a[s:e], out=delta)
-            moved = moved or bool(torch.any(delta))  # a sync only until the weights first move
+            self.still(delta)  # records the first nonzero piece; no check once moved
             torch.mul(flat_d[s:e] if self.d.dim() else flat_d, delta, out=flat_m[s:e])
             value += torch.dot(delta, flat_m[s:e])
-        if not moved:
+        if not self.moved:
             return None
-        self.moved = True
         return 0.5 * value, m
 
 
