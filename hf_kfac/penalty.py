@@ -250,4 +250,7 @@ class QuadraticPenalty:
         tensors = [params[n] for n in self.names]
         if not tensors:
             return torch.zeros(())
-        return _PenaltyFunction.apply(float(lam), self, self.names, *tensors)
+        # The prior is float32 and ΔW is a small difference: an enclosing autocast region (a custom
+        # loop, accelerator.autocast()) must not run these products in bf16/fp16.
+        with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+            return _PenaltyFunction.apply(float(lam), self, self.names, *tensors)

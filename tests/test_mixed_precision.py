@@ -61,3 +61,29 @@ def test_bf16_model_gets_float32_prior_and_penalty() -> None:
     assert pen.dtype == torch.float32 and pen.item() > 0
     pen.backward()
     assert half.classifier.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("storage", ["full", "compact"])
+@pytest.mark.parametrize("shape", ["kfac", "diag"])
+def test_penalty_inside_autocast_equals_the_float32_penalty(shape: str, storage: str) -> None:
+    """A custom loop may call the penalty inside torch.autocast: value and gradient stay float32."""
+    if shape == "diag" and storage == "compact":
+        pytest.skip("compact storage is for K-FAC factors")
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(hidden_size=32, intermediate_size=64, num_attention_heads=4))
+    prior = Prior(shape=shape, storage=storage)
+    prior.add_task(model, estimate_fisher(model, _batches(), shape=shape, fisher_type="empirical", progress=False), "a")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref = prior.penalty(model, 2.0)
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        amp = prior.penalty(model, 2.0)
+    amp.backward()
+    assert amp.dtype == torch.float32
+    torch.testing.assert_close(amp, ref, rtol=1e-6, atol=0)
+    for n, g in want.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-6, atol=1e-12, msg=n)
