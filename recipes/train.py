@@ -689,6 +689,9 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
             raise ValueError(f"method {m} was not evaluated on {split!r}")
         methods[m] = method_entry(st, split, baseline, args.n_boot or 1000)
         methods[m]["run_dir"] = st.get("run_dir")
+        grid = grid_entries(st, split, baseline, args.n_boot or 1000)
+        if grid:
+            methods[m]["lambda_grid"] = grid
     results = {
         "profile": args.profile,
         "model": args.model,
@@ -705,7 +708,39 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
     _write_json(out_dir / "results.json", _clean(results))
     (out_dir / "results.md").write_text(markdown_table(results))
     plot(results, out_dir / "accuracy.png")
+    if any(len(e.get("lambda_grid", [])) > 1 for e in methods.values()):
+        plot_lambda_grid(results, out_dir / "lambda_grid.png")
     return results
+
+
+_GRID_KEYS = ("forgetting", "forgetting_ci", "reduction", "reduction_ci", "final_avg_acc", "final_avg_acc_ci",
+              "last_task_acc", "last_task_acc_ci")
+
+
+def grid_entries(state: dict[str, Any], split: str, baseline: dict[str, Any] | None,
+                 n_boot: int) -> list[dict[str, Any]]:
+    """Every λ that took part in the dev selection of ``state``, scored on ``split`` like the chosen one.
+
+    The runs are read from the method's ``lambda-*`` folders (only the λ values listed in
+    ``lambda_selection``, i.e. those that passed the option check); a folder that is gone is skipped.
+    ``run_dir`` is the chosen ``lambda-*`` folder, or (merged runs) the method folder holding them."""
+    sel = state.get("lambda_selection") or {}
+    run_dir = state.get("run_dir")
+    if len(sel) < 2 or not run_dir:
+        return []
+    root = Path(run_dir).parent if Path(run_dir).name.startswith("lambda-") else Path(run_dir)
+    out = []
+    for lam, dev in sel.items():
+        path = root / f"lambda-{lam}" / "progress.json"
+        if not path.is_file():
+            continue
+        st = json.loads(path.read_text())
+        if not st.get("complete") or split not in st["rows"][0]:
+            continue
+        e = method_entry(st, split, baseline, n_boot)
+        out.append({"lambda": st["lambda"], "dev_final_avg_acc": dev, "chosen": st["lambda"] == state["lambda"],
+                    **{k: e.get(k) for k in _GRID_KEYS}})
+    return sorted(out, key=lambda r: r["lambda"])
 
 
 def _fmt(x: Any, ci: Any = None, pct: bool = True) -> str:
@@ -746,6 +781,18 @@ def markdown_table(results: dict[str, Any]) -> str:
         if e.get("lambda_selection"):
             sel = ", ".join(f"λ={k}: {100 * v:.1f}" for k, v in e["lambda_selection"].items() if v is not None)
             lines.append(f"\nλ chosen on dev (final average dev acc@1 %): {sel}")
+    grids = {m: e["lambda_grid"] for m, e in results["methods"].items() if len(e.get("lambda_grid", [])) > 1}
+    if grids:
+        lines += ["", f"**Every λ of the grids** ({results['split']}; the chosen λ, best final average dev acc@1, in bold)",
+                  "", "| method | λ | dev final avg | forgetting ↓ | reduction ↑ | final avg acc ↑ | last-task acc |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, rows in grids.items():
+            for r in rows:
+                lam = f"**{r['lambda']:g}**" if r["chosen"] else f"{r['lambda']:g}"
+                lines.append(f"| {m} | {lam} | {_fmt(r['dev_final_avg_acc'])} | "
+                             f"{_fmt(r['forgetting'], r['forgetting_ci'])} | {_fmt(r['reduction'], r['reduction_ci'])} | "
+                             f"{_fmt(r['final_avg_acc'], r['final_avg_acc_ci'])} | "
+                             f"{_fmt(r['last_task_acc'], r['last_task_acc_ci'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -780,6 +827,36 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel(f"{results['split']} acc@1 (%)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{results['model']} · {results['encoder']} · profile {results['profile']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lambda_grid(results: dict[str, Any], path: Path) -> None:
+    """Trade-off over λ: forgetting (x) against final average and last-task accuracy (y), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for k, (m, e) in enumerate(results["methods"].items()):
+        rows = e.get("lambda_grid") or [{"lambda": e.get("lambda"), "chosen": True, **{key: e.get(key) for key in _GRID_KEYS}}]
+        for ax, key in zip(axes[0], ("final_avg_acc", "last_task_acc")):
+            xs = [100 * r["forgetting"] for r in rows]
+            ys = [100 * r[key] for r in rows]
+            line, = ax.plot(xs, ys, marker="osD^v<>"[k % 7], linestyle="-" if len(rows) > 1 else "none", label=m)
+            for r, x, y in zip(rows, xs, ys):
+                if r["lambda"] is not None:
+                    ax.annotate(f"{r['lambda']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=line.get_color(), fontweight="bold" if r["chosen"] else "normal")
+    for ax, label in zip(axes[0], ("final average acc@1 (%)", "last-task acc@1 (%)")):
+        ax.set_xlabel(f"forgetting ({results['split']}, points; lower is better)")
+        ax.set_ylabel(f"{results['split']} {label}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"λ trade-off (labels: λ; bold: chosen on dev) · {results['model']} · profile {results['profile']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

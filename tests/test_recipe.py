@@ -95,6 +95,17 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     assert set(merged["methods"]) == {"finetune", "l2", "ewc", "kfac", "kfac-compact"}
     assert "reduction_ci" in merged["methods"]["l2"]
     assert (tmp_path / "m" / "accuracy.png").is_file()
+    # every λ of the grid is scored on test beside the chosen one: final average = mean of its own last test row
+    grid = merged["methods"]["l2"]["lambda_grid"]
+    assert [r["lambda"] for r in grid] == [0.1, 10.0]
+    assert [r["lambda"] for r in grid if r["chosen"]] == [sel["lambda"]]
+    for r in grid:
+        last = json.loads((other / "runs" / "l2" / f"lambda-{r['lambda']:g}" / "progress.json").read_text())["rows"][-1]
+        assert r["final_avg_acc"] == pytest.approx(sum(x["acc1"] for x in last["test"]) / len(last["test"]))
+        assert r["dev_final_avg_acc"] == pytest.approx(dev_avg[r["lambda"]])
+    assert "Every λ of the grids" in (tmp_path / "m" / "results.md").read_text()
+    assert (tmp_path / "m" / "lambda_grid.png").stat().st_size > 1000
+    assert "lambda_grid" not in merged["methods"]["kfac"]  # one λ: no grid
 
 
 def test_continue_from_a_saved_prior(tmp_path: Path) -> None:
