@@ -400,7 +400,8 @@ class MethodRun:
         return {"method": self.method, "lambda": self.lam, "penalty": self.penalty,
                 "tasks": [t.name for t in self.tasks], "rows": [], "row_task": [], "start_rows": None,
                 "train_time": [], "consolidation_time": [], "eval_time": [], "lambda_abs": [], "n_train": [],
-                "checkpoint": None, "complete": False, "fingerprint": self.fingerprint()}
+                "checkpoint": None, "complete": False, "fingerprint": self.fingerprint(),
+                "profile": self.args.profile, "model": self.args.model, "encoder": self.args.encoder}
 
     def fingerprint(self) -> str:
         a = self.args
@@ -668,6 +669,21 @@ def collect_states(run_roots: list[Path]) -> dict[str, dict[str, Any]]:
                 st["run_dir"] = str(mdir)
                 out[st["method"]] = st
     return out
+
+
+def _describe_from_runs(args: RecipeArguments, states: dict[str, dict[str, Any]]) -> None:
+    """Merging: take profile, model and encoder from the runs themselves (runs made before these were
+    recorded keep the merge command's values); runs that disagree cannot share one table."""
+    for key in ("profile", "model", "encoder"):
+        values = {st[key] for st in states.values() if st.get(key) is not None}
+        if len(values) > 1:
+            raise ValueError(f"the runs to merge were made with different {key}s ({', '.join(sorted(values))}); "
+                             f"merge runs of one {key} at a time")
+        if values:
+            value = values.pop()
+            if getattr(args, key) != value:
+                logger.info("merge: %s %r, as recorded by the runs", key, value)
+            setattr(args, key, value)
 
 
 def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir: Path,
@@ -976,6 +992,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     if args.merge_runs:
         states = collect_states([Path(p) for p in args.merge_runs])
+        _describe_from_runs(args, states)
         results = summarize(args, states, out_dir, {"merged_from": list(args.merge_runs)})
         print((out_dir / "results.md").read_text())
         return results

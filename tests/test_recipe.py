@@ -106,6 +106,9 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     assert "Every λ of the grids" in (tmp_path / "m" / "results.md").read_text()
     assert (tmp_path / "m" / "lambda_grid.png").stat().st_size > 1000
     assert "lambda_grid" not in merged["methods"]["kfac"]  # one λ: no grid
+    # without --config the merge still names the runs' own profile, not the default one
+    bare = recipe.main(["--merge_runs", str(out), "--output_dir", str(tmp_path / "m2"), "--quiet"])
+    assert bare["profile"] == "tiny" and "profile `tiny`" in (tmp_path / "m2" / "results.md").read_text()
 
 
 def test_continue_from_a_saved_prior(tmp_path: Path) -> None:
