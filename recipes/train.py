@@ -105,6 +105,8 @@ class RecipeArguments:
     resume: bool = field(default=True, metadata={"help": "Skip tasks a previous run of the same method already finished."})
     save_models: str = field(default="last", metadata={"help": "Keep saved model+prior of: all tasks, the last one, or none."})
     tune_budget: str = field(default="", metadata={"help": "Choose each task's budget under fine-tuning on dev, e.g. 'epochs=1,2,4;learning_rate=1e-4,2e-4'; writes budget.json and exits."})
+    budget_workers: int = field(default=1, metadata={"help": "With tune_budget: processes sharing the grid (start one per --budget_worker 0..n-1, same output_dir)."})
+    budget_worker: int = field(default=0, metadata={"help": "With tune_budget: this process's index among budget_workers (it trains grid points p with p % n == index)."})
     n_boot: int | None = field(default=None, metadata={"help": "Bootstrap resamples for CIs."})
     eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of evaluation."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default). 1 avoids thread contention on a busy machine."})
@@ -917,49 +919,101 @@ def finished_grid_runs(args: RecipeArguments, method: str, tasks: list[Any], roo
     return found
 
 
+def _budget_key(args: RecipeArguments, tasks: list[Any], i: int, history: list[tuple[float, float]]) -> str:
+    """What a grid point's result depends on: data, model and training options, and the budgets chosen
+    for the earlier tasks (its starting model)."""
+    a = args
+    return _fingerprint(dict(model=a.model, encoder=a.encoder, tasks=[t.name for t in tasks[: i + 1]],
+                             n_concepts=a.n_concepts, max_train=a.max_train, max_eval=a.max_eval,
+                             subset_seed=a.subset_seed, require=a.require_eval_concepts, seed=a.seed, bs=a.batch_size,
+                             warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
+                             head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string,
+                             prior=a.prior, history=history))
+
+
+def _wait_for(paths: list[Path], what: str, poll_s: float = 10.0) -> None:
+    """Block until every path exists (other workers' grid points), logging every few minutes."""
+    t0 = last = time.perf_counter()
+    while True:
+        missing = [p for p in paths if not p.is_file()]
+        if not missing:
+            return
+        if time.perf_counter() - last > 300 or last == t0:
+            logger.info("[budget] %s: waiting for %d grid point(s) of other workers, e.g. %s", what, len(missing),
+                        missing[0].parent.name)
+            last = time.perf_counter()
+        time.sleep(poll_s)
+
+
 def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[str, Any]:
-    """For each task in turn (fine-tuning), the (epochs, learning_rate) with the best dev acc@1 on that task."""
+    """For each task in turn (fine-tuning), the (epochs, learning_rate) with the best dev acc@1 on that task.
+
+    Every grid point is kept in ``budget/task<i>-<name>/epochs-<e>_lr-<lr>/`` (its model and
+    ``result.json``), so a stopped search resumes, and ``budget_workers`` processes can share it:
+    worker k trains points p with p % n == k, then waits for the others' points of that task; all
+    workers pick the same best point (ties: the first in grid order) and go on from its model."""
     import torch
 
     from hf_kfac.el.collate import ELCollator
     from hf_kfac.el.evaluation import evaluate_task
-    from hf_kfac.el.models import predictive_fn_for
+    from hf_kfac.el.models import load_el_model, predictive_fn_for
     from hf_kfac.trainer import ContinualTrainer
 
+    n_workers, worker = args.budget_workers, args.budget_worker
+    if n_workers < 1 or not 0 <= worker < n_workers:
+        raise ValueError(f"--budget_worker must be in 0..{n_workers - 1} (--budget_workers {n_workers}), got {worker}")
     grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [])
     epochs_grid = grid.get("epochs") or per_task(args.epochs, len(tasks), "epochs")[:1]
     lr_grid = grid.get("learning_rate") or per_task(args.learning_rate, len(tasks), "learning_rate")[:1]
+    points = [(float(ep), float(lr)) for ep in epochs_grid for lr in lr_grid]
     model, tokenizer = initial_model(args)
     collator = ELCollator.for_tokenizer(tokenizer)
     chosen: dict[str, Any] = {}
+    history: list[tuple[float, float]] = []
     for i, task in enumerate(tasks):
         if model.formulation == "classifier":
             add_head(args, model, tokenizer, task)
         ds = train_dataset(args, model, tokenizer, task, seed_offset=i)
         start = copy.deepcopy(model.state_dict())
-        best = None
-        for ep in epochs_grid:
-            for lr in lr_grid:
-                model.load_state_dict(start)
-                cfg = continual_config(args, "finetune", 0.0, len(ds), out_dir / "budget-tmp", ep, lr)
-                trainer = ContinualTrainer(model=model, args=cfg, train_dataset=ds, data_collator=collator,
-                                           predictive_fn=predictive_fn_for(model))
-                torch.manual_seed(args.seed + i)
-                t0 = time.perf_counter()
-                trainer.train()
-                res = evaluate_task(model, tokenizer, task, ["dev"], max_items=args.max_eval,
-                                    item_seed=args.subset_seed, n_boot=100, batch_size=args.eval_batch_size)["dev"]
-                logger.info("[budget] %s epochs=%g lr=%g: dev acc@1 %.4f (%.0fs)", task.name, ep, lr, res.acc1,
-                            time.perf_counter() - t0)
-                if best is None or res.acc1 > best[0]:
-                    best = (res.acc1, ep, lr, copy.deepcopy(model.state_dict()))
-        assert best is not None
-        model.load_state_dict(best[3])
-        chosen[task.name] = {"epochs": best[1], "learning_rate": best[2], "dev_acc1": best[0]}
-    shutil.rmtree(out_dir / "budget-tmp", ignore_errors=True)
+        key = _budget_key(args, tasks, i, history)
+        tdir = out_dir / "budget" / f"task{i}-{task.name}"
+        pdirs = [tdir / f"epochs-{ep:g}_lr-{lr:g}" for ep, lr in points]
+        for p, ((ep, lr), pdir) in enumerate(zip(points, pdirs)):
+            done = pdir / "result.json"
+            if done.is_file():
+                if json.loads(done.read_text()).get("key") != key:
+                    raise ValueError(f"{pdir} holds a budget search made with other options (or another budget for "
+                                     "an earlier task); use another --output_dir, or delete its budget/ folder")
+                continue
+            if p % n_workers != worker:
+                continue
+            model.load_state_dict(start)
+            cfg = continual_config(args, "finetune", 0.0, len(ds), out_dir / f"budget-tmp-{worker}", ep, lr)
+            trainer = ContinualTrainer(model=model, args=cfg, train_dataset=ds, data_collator=collator,
+                                       predictive_fn=predictive_fn_for(model))
+            torch.manual_seed(args.seed + i)
+            t0 = time.perf_counter()
+            trainer.train()
+            res = evaluate_task(model, tokenizer, task, ["dev"], max_items=args.max_eval,
+                                item_seed=args.subset_seed, n_boot=100, batch_size=args.eval_batch_size)["dev"]
+            took = time.perf_counter() - t0
+            logger.info("[budget] %s epochs=%g lr=%g: dev acc@1 %.4f (%.0fs)", task.name, ep, lr, res.acc1, took)
+            model.save_pretrained(pdir / "model")
+            _write_json(done, {"epochs": ep, "learning_rate": lr, "dev_acc1": res.acc1, "seconds": round(took, 1),
+                               "worker": worker, "key": key})
+        _wait_for([d / "result.json" for d in pdirs], task.name)
+        results = [json.loads((d / "result.json").read_text()) for d in pdirs]
+        best = max(range(len(points)), key=lambda p: (results[p]["dev_acc1"], -p))
+        model.load_state_dict(load_el_model(pdirs[best] / "model").state_dict())
+        ep, lr = points[best]
+        history.append((ep, lr))
+        chosen[task.name] = {"epochs": ep, "learning_rate": lr, "dev_acc1": results[best]["dev_acc1"],
+                             "grid": {d.name: r["dev_acc1"] for d, r in zip(pdirs, results)}}
+    shutil.rmtree(out_dir / f"budget-tmp-{worker}", ignore_errors=True)
     result = {"budget": chosen, "epochs": ",".join(f"{v['epochs']:g}" for v in chosen.values()),
               "learning_rate": ",".join(f"{v['learning_rate']:g}" for v in chosen.values())}
-    _write_json(out_dir / "budget.json", result)
+    if worker == 0:
+        _write_json(out_dir / "budget.json", result)
     print(f"epochs: \"{result['epochs']}\"\nlearning_rate: \"{result['learning_rate']}\"")
     return result
 

@@ -165,3 +165,33 @@ def test_an_interrupted_run_resumes_from_its_last_saved_task(tmp_path: Path) -> 
     again = recipe.main(argv)["methods"]["kfac"]
     assert again["row_task"] == ["diseases", "drugs"]
     assert again["R"] == full["R"]  # the second task was trained again from the saved model + prior
+
+
+def test_budget_search_split_over_two_workers_equals_one_process(tmp_path: Path) -> None:
+    """--tune_budget: two worker processes sharing the grid choose what one process chooses, with the
+    same dev score at every grid point; a finished search resumes without training; other options
+    in the same folder are refused."""
+    import os
+    import subprocess
+
+    grid = ["--tune_budget", "epochs=1,3", "--num_threads", "1"]
+    one = recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "one"), "--quiet", *grid])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "recipes" / "train.py"), "--config", TINY, "--output_dir",
+                               str(tmp_path / "two"), "--quiet", *grid, "--budget_workers", "2", "--budget_worker", str(k)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    two = json.loads((tmp_path / "two" / "budget.json").read_text())
+    assert two["epochs"] == one["epochs"] and two["learning_rate"] == one["learning_rate"]
+    for task, want in one["budget"].items():
+        assert set(want["grid"]) == {"epochs-1_lr-0.001", "epochs-3_lr-0.001"}
+        assert two["budget"][task]["grid"] == want["grid"], task
+        assert want["dev_acc1"] == max(want["grid"].values())
+    # point p was trained by worker p % 2, once
+    for d in sorted((tmp_path / "two" / "budget").glob("task*/epochs-*")):
+        assert json.loads((d / "result.json").read_text())["worker"] == (0 if d.name.startswith("epochs-1_") else 1)
+    again = recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "one"), "--quiet", *grid])
+    assert again == one
+    with pytest.raises(ValueError, match="other options"):
+        recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "one"), "--quiet", *grid, "--seed", "7"])
