@@ -296,6 +296,14 @@ def _pooled(model: Any, tokenizer: Any, texts: list[str], args: RecipeArguments)
 
 
 # ------------------------------------------------------------------ one method's run
+def _data_model_keys(a: RecipeArguments) -> dict[str, Any]:
+    """The options every fingerprint shares: data subset, model, seed and training set-up."""
+    return dict(model=a.model, encoder=a.encoder, n_concepts=a.n_concepts, max_train=a.max_train,
+                max_eval=a.max_eval, subset_seed=a.subset_seed, require=a.require_eval_concepts, seed=a.seed,
+                bs=a.batch_size, warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
+                head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string)
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -408,12 +416,8 @@ class MethodRun:
     def fingerprint(self) -> str:
         a = self.args
         storage = method_storage(a, self.method)
-        keys = dict(model=a.model, encoder=a.encoder, tasks=[t.name for t in self.tasks],
-                    n_concepts=a.n_concepts, max_train=a.max_train, max_eval=a.max_eval, subset_seed=a.subset_seed,
-                    require=a.require_eval_concepts, seed=a.seed, epochs=a.epochs, lr=a.learning_rate,
-                    bs=a.batch_size, warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
-                    head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string, prior=a.prior,
-                    method=self.method, lam=self.lam, rel=a.lambda_relative, fisher=[a.fisher_type, a.fisher_n_samples,
+        keys = dict(_data_model_keys(a), tasks=[t.name for t in self.tasks], epochs=a.epochs, lr=a.learning_rate,
+                    prior=a.prior, method=self.method, lam=self.lam, rel=a.lambda_relative, fisher=[a.fisher_type, a.fisher_n_samples,
                     a.fisher_max_examples, a.fisher_batch_size, a.kfac_approx, a.fisher_exclude],
                     prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay]
                     + ([storage] if storage != "full" and self.penalty == "kfac" else []),
@@ -422,12 +426,9 @@ class MethodRun:
 
     def _stage0_key(self) -> str:
         a = self.args
-        return _fingerprint(dict(model=a.model, encoder=a.encoder, task=self.tasks[0].name, n_concepts=a.n_concepts,
-                                 max_train=a.max_train, max_eval=a.max_eval, subset_seed=a.subset_seed,
-                                 require=a.require_eval_concepts, seed=a.seed, epochs=per_task(a.epochs, len(self.tasks), "epochs")[0],
-                                 lr=per_task(a.learning_rate, len(self.tasks), "learning_rate")[0], bs=a.batch_size,
-                                 warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
-                                 head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string,
+        return _fingerprint(dict(_data_model_keys(a), task=self.tasks[0].name,
+                                 epochs=per_task(a.epochs, len(self.tasks), "epochs")[0],
+                                 lr=per_task(a.learning_rate, len(self.tasks), "learning_rate")[0],
                                  all_tasks=[t.name for t in self.tasks], splits=self.splits, n_boot=a.n_boot))
 
     # ---------------------------------------------------------- evaluation
@@ -922,13 +923,8 @@ def finished_grid_runs(args: RecipeArguments, method: str, tasks: list[Any], roo
 def _budget_key(args: RecipeArguments, tasks: list[Any], i: int, history: list[tuple[float, float]]) -> str:
     """What a grid point's result depends on: data, model and training options, and the budgets chosen
     for the earlier tasks (its starting model)."""
-    a = args
-    return _fingerprint(dict(model=a.model, encoder=a.encoder, tasks=[t.name for t in tasks[: i + 1]],
-                             n_concepts=a.n_concepts, max_train=a.max_train, max_eval=a.max_eval,
-                             subset_seed=a.subset_seed, require=a.require_eval_concepts, seed=a.seed, bs=a.batch_size,
-                             warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
-                             head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string,
-                             prior=a.prior, history=history))
+    return _fingerprint(dict(_data_model_keys(args), tasks=[t.name for t in tasks[: i + 1]], prior=args.prior,
+                             history=history))
 
 
 def _wait_for(paths: list[Path], what: str, poll_s: float = 10.0) -> None:

