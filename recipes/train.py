@@ -106,7 +106,7 @@ class RecipeArguments:
     save_models: str = field(default="last", metadata={"help": "Keep saved model+prior of: all tasks, the last one, or none."})
     tune_budget: str = field(default="", metadata={"help": "Choose each task's budget under fine-tuning on dev, e.g. 'epochs=1,2,4;learning_rate=1e-4,2e-4'; writes budget.json and exits."})
     budget_workers: int = field(default=1, metadata={"help": "With tune_budget: processes sharing the grid (start one per --budget_worker 0..n-1, same output_dir)."})
-    budget_worker: int = field(default=0, metadata={"help": "With tune_budget: this process's index among budget_workers (it trains grid points p with p % n == index)."})
+    budget_worker: int = field(default=0, metadata={"help": "With tune_budget: this process's index among budget_workers (it trains grid points p with p mod n = index)."})
     n_boot: int | None = field(default=None, metadata={"help": "Bootstrap resamples for CIs."})
     eval_batch_size: int | None = field(default=None, metadata={"help": "Batch size of evaluation."})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default). 1 avoids thread contention on a busy machine."})

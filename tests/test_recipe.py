@@ -36,6 +36,15 @@ def test_yaml_config_and_cli_overrides(tmp_path: Path) -> None:
         recipe.parse_args(["--config", TINY, "--methods", "finetune,sgd"])
 
 
+def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # argparse %-formats every help string: a bare % crashes --help
+        recipe.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("--config", "--methods", "--lambda_grid", "--tune_budget", "--budget_worker", "--merge_runs"):
+        assert name in out
+
+
 def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--save_models", "last"])

@@ -83,6 +83,15 @@ def test_parses_from_the_command_line_and_serialises() -> None:
         HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(["--output_dir", "o", "--penalty", "lasso"])
 
 
+def test_help_lists_every_continual_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # argparse %-formats every help string: a bare % crashes --help
+        HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("--penalty", "--penalty_lambda", "--fisher_type", "--kfac_approx", "--prior_accumulation"):
+        assert name in out
+
+
 @pytest.mark.parametrize(
     "kw,field,hint",
     [
