@@ -45,6 +45,16 @@ def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
         assert name in out
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config: Path) -> None:
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    args = recipe.parse_args(["--config", str(config)])  # an unknown or misspelt key raises
+    assert args.profile == raw["profile"] and args.model == raw["model"]
+    assert recipe.parse_method_values(args.lambdas, args.methods.split(",")).keys() <= set(args.methods.split(","))
+
+
 def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
     res = recipe.main(["--config", TINY, "--output_dir", str(out), "--quiet", "--save_models", "last"])
