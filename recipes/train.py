@@ -708,7 +708,7 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
             raise ValueError(f"method {m} was not evaluated on {split!r}")
         methods[m] = method_entry(st, split, baseline, args.n_boot or 1000)
         methods[m]["run_dir"] = st.get("run_dir")
-        grid = grid_entries(st, split, baseline, args.n_boot or 1000)
+        grid = grid_entries(st, split, baseline, args.n_boot or 1000, chosen_entry=methods[m])
         if grid:
             methods[m]["lambda_grid"] = grid
     results = {
@@ -737,8 +737,10 @@ _GRID_KEYS = ("forgetting", "forgetting_ci", "reduction", "reduction_ci", "final
 
 
 def grid_entries(state: dict[str, Any], split: str, baseline: dict[str, Any] | None,
-                 n_boot: int) -> list[dict[str, Any]]:
+                 n_boot: int, chosen_entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every λ that took part in the dev selection of ``state``, scored on ``split`` like the chosen one.
+
+    ``chosen_entry``: the chosen λ's ``method_entry``, when the caller has it (not bootstrapped again).
 
     The runs are read from the method's ``lambda-*`` folders (only the λ values listed in
     ``lambda_selection``, i.e. those that passed the option check); a folder that is gone is skipped.
@@ -756,8 +758,9 @@ def grid_entries(state: dict[str, Any], split: str, baseline: dict[str, Any] | N
         st = json.loads(path.read_text())
         if not st.get("complete") or split not in st["rows"][0]:
             continue
-        e = method_entry(st, split, baseline, n_boot)
-        out.append({"lambda": st["lambda"], "dev_final_avg_acc": dev, "chosen": st["lambda"] == state["lambda"],
+        chosen = st["lambda"] == state["lambda"]
+        e = chosen_entry if chosen and chosen_entry is not None else method_entry(st, split, baseline, n_boot)
+        out.append({"lambda": st["lambda"], "dev_final_avg_acc": dev, "chosen": chosen,
                     **{k: e.get(k) for k in _GRID_KEYS}})
     return sorted(out, key=lambda r: r["lambda"])
 
