@@ -1,11 +1,14 @@
 # Set-up and entry points. `make test` and `make demo` each build .venv from
-# nothing on a fresh machine. torch is installed first, pinned, so that pip
-# takes the CPU wheel instead of pulling CUDA packages for a bare `torch`.
+# nothing on a fresh machine. torch is installed first, pinned, so that the
+# package's bare `torch` requirement is already met. Where pip has no local CPU
+# wheel of torch, pass TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to
+# take the CPU build instead of PyPI's CUDA one (several GB of packages).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo bench clean
@@ -13,7 +16,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PIP) install -q -e ".[test,el]"
 	touch $(STAMP)
 

@@ -69,11 +69,30 @@ def accuracy_from_history(prior: Prior) -> list[list[float | None]] | None:
     return rows or None
 
 
+def loading_code(model_class: str | None = None, model_module: str | None = None) -> tuple[str, str]:
+    """The import line and the load expression (with ``{repo}`` left to fill) for the card's snippet.
+
+    A transformers class loads with ``<Class>.from_pretrained``; an hf_kfac entity-linking model
+    with ``hf_kfac.el.load_el_model``; anything else names the class the model was trained with.
+    """
+    if model_module and model_module.startswith("hf_kfac.el"):
+        return "from hf_kfac.el import load_el_model", "load_el_model({repo})"
+    if model_class and model_module and model_module.split(".")[0] == "transformers":
+        return f"from transformers import {model_class}", f"{model_class}.from_pretrained({{repo}})"
+    if model_class:
+        return (f"from {model_module} import {model_class}" if model_module else f"# import {model_class}",
+                f"{model_class}.from_pretrained({{repo}})  # the class the model was trained with")
+    return ("from transformers import AutoModel",
+            "AutoModel.from_pretrained({repo})  # use the model's own class when it has a head")
+
+
 def render_model_card(
     prior: Prior,
     *,
     repo_id: str = "<your-org>/<this-model>",
     model_name: str | None = None,
+    model_class: str | None = None,
+    model_module: str | None = None,
     base_model: str | None = None,
     penalty: str | None = None,
     prior_subfolder: str = "fisher",
@@ -90,6 +109,8 @@ def render_model_card(
     The task table comes from the prior's history (each task's metadata may hold
     ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] (accuracy on task j after
     task i), taken from the tasks' ``metadata["accuracy"]`` dicts when not given.
+    ``model_class`` / ``model_module`` (the trained model's class and module) choose how the
+    "Continue training" snippet loads the model (:func:`loading_code`).
     """
     tasks = []
     for t in prior.tasks:
@@ -123,6 +144,7 @@ def render_model_card(
     )
     last_lambda = next((t["lam"] for t in reversed(tasks) if t["lam"] != "–"), 1.0)
     prior_info = dict(prior.config.to_dict(), penalty=pen)
+    import_line, load_expr = loading_code(model_class, model_module)
     return ModelCard.from_template(
         card_data,
         template_path=str(_template()),
@@ -134,6 +156,8 @@ def render_model_card(
         tasks=tasks,
         prior=prior_info,
         last_lambda=last_lambda,
+        model_import=import_line,
+        model_load=load_expr.format(repo=f'"{repo_id}"'),
         accuracy_table=accuracy_markdown(names, accuracy) if accuracy else "",
         forgetting_table=forgetting_markdown(names, accuracy) if accuracy else "",
     )

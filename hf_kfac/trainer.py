@@ -747,6 +747,8 @@ class ContinualTrainer(Trainer):
             self.prior,
             repo_id=repo_id,
             model_name=model_name,
+            model_class=type(self._unwrapped()).__name__,
+            model_module=type(self._unwrapped()).__module__,
             base_model=finetuned_from or _hub_name_of(self._unwrapped()),
             penalty=str(self.args.penalty),
             prior_subfolder=self.args.prior_subfolder,

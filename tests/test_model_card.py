@@ -50,3 +50,27 @@ def test_accuracy_matrix_comes_from_the_task_history() -> None:
     text = str(render_model_card(prior, repo_id="org/x"))
     assert "| A | 0.900 | – |" in text and "| B | 0.600 | 0.800 |" in text
     assert "| A | +0.300 |" in text
+
+
+def test_the_cards_loading_snippet_loads_the_trained_model_with_its_head(tmp_path) -> None:
+    """The "Continue training" code must bring back the head too: AutoModel would drop it."""
+    import re
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, num_labels=3)
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(tmp_path)
+    text = str(render_model_card(_prior(), repo_id=str(tmp_path), model_class=type(model).__name__,
+                                 model_module=type(model).__module__))
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    lines = code.splitlines()
+    loading = "\n".join(lines[: next(i for i, ln in enumerate(lines) if ln.startswith("model = ")) + 1])
+    scope: dict = {}
+    exec(loading, scope)
+    loaded = scope["model"]
+    assert type(loaded) is BertForSequenceClassification
+    for (name, p), (name2, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name == name2 and torch.equal(p, q)
