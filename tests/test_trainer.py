@@ -371,8 +371,6 @@ def test_compact_prior_saved_beside_the_model_references_its_weights(tmp_path: P
     """With compact storage, save_model() may store the anchor as a reference to the weights beside it."""
     from hf_kfac import PriorConfig
 
-    if "model" not in __import__("inspect").signature(Prior.save_pretrained).parameters:
-        pytest.skip("this hf_kfac has no compact storage")
     model = make_model("seq", hidden_size=16, intermediate_size=32)
     prior = Prior(PriorConfig(shape="kfac", storage="compact"))
     trainer = ContinualTrainer(model=model, args=_args(tmp_path / "a"), train_dataset=make_dataset("seq", 8), prior=prior)
@@ -409,10 +407,12 @@ def test_prior_storage_option_builds_a_compact_prior_and_guards_a_loaded_one(tmp
 
 
 def test_model_card_tells_the_task_history(tmp_path: Path) -> None:
-    pytest.importorskip("hf_kfac.model_card")
     model = make_model("seq")
     trainer = ContinualTrainer(model=model, args=_args(tmp_path, penalty="ewc"), train_dataset=make_dataset("seq", 6))
     trainer.consolidate(task_name="diseases")
     trainer.create_model_card(model_name="el-demo")
     text = (tmp_path / "README.md").read_text()
     assert "diseases" in text and "hf_kfac" in text
+    # the "Continue training" snippet loads the trained class (with its head), not a bare encoder
+    assert f"from transformers import {type(model).__name__}" in text
+    assert f'model = {type(model).__name__}.from_pretrained(' in text

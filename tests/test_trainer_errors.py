@@ -90,6 +90,26 @@ def test_a_prior_of_another_penalty_or_accumulation_is_refused(tmp_path: Path) -
     assert t.prior.config.damping == 0.5 and t.prior.config.decay == 0.9
 
 
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_overriding_the_damping_of_a_used_prior_changes_its_penalty(shape: str, tmp_path: Path) -> None:
+    """The override must reach the penalty even if the prior's terms were already built (cached)."""
+    model = make_model("seq")
+    given, fresh = _prior_for(model, shape), Prior(shape=shape, damping=0.5)
+    curv = estimate_fisher(model, batches_of(make_rows("seq", 4), 4), shape=shape, fisher_type="empirical",
+                           progress=False)
+    fresh.add_task(model, curv, "a", n_examples=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    undamped = given.penalty(model, 1.0)  # builds and caches the undamped terms
+    penalty = "ewc" if shape == "diag" else "kfac"
+    t = ContinualTrainer(model=model, args=_args(tmp_path, penalty=penalty, penalty_lambda=1.0, prior_damping=0.5),
+                         prior=given)
+    damped = t.penalty_value()
+    torch.testing.assert_close(damped, fresh.penalty(model, 1.0), rtol=1e-5, atol=1e-8)
+    assert damped > undamped * 1.5
+
+
 def test_bad_arguments_to_the_trainer(tmp_path: Path) -> None:
     model = make_model("seq")
     with pytest.raises(TypeError, match="ContinualConfig"):
@@ -221,16 +241,50 @@ def test_an_interrupted_save_model_keeps_the_previous_prior(tmp_path: Path, monk
 
 
 # ----------------------------------------------------------------------- parallelism
-@pytest.mark.parametrize("flag,stage,name", [("is_fsdp_enabled", None, "FSDP"), ("is_deepspeed_enabled", 3, "ZeRO-3")])
-def test_sharded_parameters_are_refused(flag: str, stage: int | None, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class _StateWithPlugin:
+    """Accelerate's state as DeepSpeed would leave it: the real state plus a ``deepspeed_plugin``."""
+
+    def __init__(self, real: Any, plugin: Any) -> None:
+        self._real, self.deepspeed_plugin = real, plugin
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _plugin(kind: str) -> Any:
+    from types import SimpleNamespace
+
+    if kind == "attr-3":
+        return SimpleNamespace(zero_stage=3)
+    if kind == "config-3":  # older accelerate: the stage only in the DeepSpeed config dict
+        return SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
+    if kind == "attr-2":
+        return SimpleNamespace(zero_stage=2)
+    if kind == "config-1":
+        return SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 1}})
+    return SimpleNamespace()  # stage unknown
+
+
+def _patch_accelerator(monkeypatch: pytest.MonkeyPatch, flag: str, plugin: Any) -> None:
     original = Trainer.create_accelerator_and_postprocess
 
-    def sharded(self: Trainer) -> None:
+    def patched(self: Trainer) -> None:
         original(self)
         setattr(self, flag, True)
+        if plugin is not None:
+            self.accelerator.state = _StateWithPlugin(self.accelerator.state, plugin)
 
-    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", sharded)
-    monkeypatch.setattr(ContinualTrainer, "_zero_stage", lambda self: stage)
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", patched)
+
+
+@pytest.mark.parametrize(
+    "flag,plugin,name",
+    [("is_fsdp_enabled", None, "FSDP"), ("is_deepspeed_enabled", "attr-3", "DeepSpeed ZeRO-3"),
+     ("is_deepspeed_enabled", "config-3", "DeepSpeed ZeRO-3"), ("is_deepspeed_enabled", "unknown", r"DeepSpeed ZeRO-\?")],
+)
+def test_sharded_parameters_are_refused(flag: str, plugin: str | None, name: str, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _patch_accelerator(monkeypatch, flag, None if plugin is None else _plugin(plugin))
     model = make_model("seq")
     with pytest.raises(ValueError, match=f"{name} is not supported with penalty='kfac'.*partial tensors"):
         ContinualTrainer(model=model, args=_args(tmp_path))
@@ -240,14 +294,11 @@ def test_sharded_parameters_are_refused(flag: str, stage: int | None, name: str,
         plain.consolidate(dataset=make_dataset("seq", 4))
 
 
-def test_zero_1_and_2_are_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Trainer.create_accelerator_and_postprocess
-
-    def zero2(self: Trainer) -> None:
-        original(self)
-        self.is_deepspeed_enabled = True
-
-    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", zero2)
-    monkeypatch.setattr(ContinualTrainer, "_zero_stage", lambda self: 2)
-    trainer = ContinualTrainer(model=make_model("seq"), args=_args(tmp_path))
+@pytest.mark.parametrize("plugin,stage", [("attr-2", 2), ("config-1", 1)])
+def test_zero_1_and_2_are_allowed_with_a_warning(plugin: str, stage: int, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _patch_accelerator(monkeypatch, "is_deepspeed_enabled", _plugin(plugin))
+    with caplog.at_level("WARNING", logger="hf_kfac.trainer"):
+        trainer = ContinualTrainer(model=make_model("seq"), args=_args(tmp_path))
     assert trainer._unsupported_parallelism() is None
+    assert f"ZeRO-{stage} is untested" in caplog.text
