@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from oracles import brute_force_diag, tiny_bert_config
+from torch import nn
 from transformers import BertForSequenceClassification, BertForTokenClassification
 
-from hf_kfac import estimate_fisher
+from hf_kfac import PredictiveOutput, estimate_fisher
 
 
 def _seq_batches(batch_size: int, n: int = 4, seed: int = 0) -> list[dict]:
@@ -88,3 +94,146 @@ def test_frozen_parameters_are_left_out() -> None:
     curv = estimate_fisher(model, _seq_batches(2), shape="diag", fisher_type="empirical", progress=False)
     assert not any(k.startswith("bert.embeddings") for k in curv.diag)
     assert "classifier.weight" in curv.diag
+
+
+# --------------------------------------------------------------- each parameter counted once
+
+def _mlm_batches() -> tuple[nn.Module, list[dict]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    from trainer_fixtures import batches_of, make_model, make_rows
+
+    return make_model("mlm"), batches_of(make_rows("mlm", 4, seed=4), 2)
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_mlm_tied_output_bias_is_counted_once(shape: str) -> None:
+    """BERT-MLM's `cls.predictions.bias` is also `decoder.bias`: its Fisher is the brute-force one, not twice it.
+
+    Every other diagonal of the model (the decoder weight tied to the word embeddings included) matches too,
+    and every parameter appears exactly once in the result.
+    """
+    torch.set_num_threads(1)
+    model, batches = _mlm_batches()
+    assert model.cls.predictions.bias is model.cls.predictions.decoder.bias
+    curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    covered = curv.param_names()
+    assert len(covered) == len(set(covered)) and set(covered) == set(ref)
+    assert "cls.predictions.bias" in curv.diag
+    if shape == "diag":
+        assert set(curv.diag) == set(ref)
+    for name in curv.diag:
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
+
+
+class _Holder(nn.Module):
+    """Holds `bias`, which is also `proj.bias` (as in BERT-MLM); ``read_directly`` also adds it itself."""
+
+    def __init__(self, d: int, c: int, read_directly: bool) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(0.1 * torch.randn(c))
+        self.proj = nn.Linear(d, c)
+        self.proj.bias = self.bias
+        self.read_directly = read_directly
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.proj(h)
+        return out + self.bias if self.read_directly else out
+
+
+class _BareParameters(nn.Module):
+    """A bare nn.Parameter of the top module used in forward, and a tied head bias."""
+
+    def __init__(self, read_directly: bool, vocab: int = 40, d: int = 5, c: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.scale = nn.Parameter(torch.rand(d) + 0.5)
+        self.head = _Holder(d, c, read_directly)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(self.emb(input_ids) * self.scale))
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+@pytest.mark.parametrize("read_directly", [False, True])
+def test_bare_and_tied_parameters_match_brute_force(read_directly: bool, shape: str) -> None:
+    """A bare parameter (exact per-example path) and a bias tied between a holder and a Linear, read
+    only through the Linear or also by the holder itself: each summed over its uses once, then squared."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _BareParameters(read_directly)
+    batches = _token_batches(2)
+    curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    assert set(curv.diag) == set(ref)
+    for name, expected in ref.items():
+        torch.testing.assert_close(curv.diag[name], expected, rtol=1e-4, atol=1e-8, msg=name)
+
+
+# --------------------------------------------------------------- transformers Conv1D (GPT-2)
+
+def _gpt2_batches() -> tuple[list[dict], list[dict]]:
+    """Causal-LM batches, and the same with labels shifted by hand for the (unshifting) oracle."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 20, (4, 6), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 4:] = 0
+    am[3, 3:] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]  # the oracle's logit t scores token t+1
+    est = [{"input_ids": ids[s : s + 2], "attention_mask": am[s : s + 2], "labels": labels[s : s + 2]} for s in (0, 2)]
+    oracle = [{**b, "labels": shifted[s : s + 2]} for b, s in zip(est, (0, 2))]
+    return est, oracle
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_gpt2_conv1d_diagonal_matches_brute_force_and_kfac_records_why(shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """GPT-2's Conv1D (y = x W + b, W (in, out)) gets a fast exact diagonal; under shape='kfac' each is
+    listed in diag_fallbacks with the reason and a warning says K-FAC was not applied."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0,
+                        attn_implementation="eager")
+    model = GPT2LMHeadModel(config)
+    batches, oracle_batches = _gpt2_batches()
+    with caplog.at_level(logging.WARNING, logger="hf_kfac.curvature.estimate"):
+        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, oracle_batches, "empirical")
+    conv = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv) == 8
+    assert set(curv.diag) == set(ref)  # lm_head is tied to wte: no K-FAC block at all
+    for name, expected in ref.items():
+        torch.testing.assert_close(curv.diag[name], expected, rtol=1e-4, atol=1e-8, msg=name)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "No per-example rule" not in messages  # Conv1D has its own per-example rule
+    if shape == "kfac":
+        assert all("Conv1D" in curv.diag_fallbacks[n] for n in conv)
+        assert "K-FAC is not applied" in messages and conv[0] in messages
+    else:
+        assert curv.diag_fallbacks == {}
+
+
+# --------------------------------------------------------------- labels
+
+def test_empirical_fisher_rejects_negative_labels_other_than_minus_100() -> None:
+    """-1 is not an ignore index: it must raise (naming the value), not be read as class 0."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = BertForTokenClassification(tiny_bert_config())
+    batch = _token_batches(4)[0]
+    bad = {**batch, "labels": batch["labels"].clone()}
+    bad["labels"][0, 2] = -1
+    with pytest.raises(ValueError, match=r"label -1 .*Use -100 for ignored positions"):
+        estimate_fisher(model, [bad], shape="diag", fisher_type="empirical", progress=False)
+    # a -1 at a position an explicit mask leaves out is never read, so it is accepted (and equals -100 there)
+    def masked(m: nn.Module, b: dict) -> PredictiveOutput:
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return PredictiveOutput(logits, b["labels"], "categorical", mask=b["labels"] >= 0)
+    ok = estimate_fisher(model, [bad], shape="diag", fisher_type="empirical", predictive_fn=masked, progress=False)
+    ignored = {**bad, "labels": bad["labels"].masked_fill(bad["labels"] == -1, -100)}
+    ref = estimate_fisher(model, [ignored], shape="diag", fisher_type="empirical", progress=False)
+    for name in ref.diag:
+        torch.testing.assert_close(ok.diag[name], ref.diag[name], msg=name)

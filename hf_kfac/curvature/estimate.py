@@ -10,9 +10,33 @@ gradients are formed), and the statistics are accumulated from (a, g):
 - K-FAC, ``reduce``: ā_n = mean_t ā_nt, ĝ_nk = Σ_t g_ntk,
   A = (1/N) Σ_n ā_n ā_nᵀ,  G = (1/N) Σ_k w_k Σ_n ĝ_nk ĝ_nkᵀ.
 - Diagonal: the per-example gradient ∇_θ ℓ_nk is formed exactly (Σ_t g_nt ā_ntᵀ for a
-  Linear, Σ_t g_nt ⊙ x̂_nt for a LayerNorm, row sums of g for an Embedding, one backward
-  pass per example for any other parameter) and F_diag = (1/N) Σ_k w_k Σ_n (∇_θ ℓ_nk)².
+  Linear, Σ_t ā_nt g_ntᵀ for a transformers ``Conv1D`` (y = x W + b, W of shape (d_in, d_out)),
+  Σ_t g_nt ⊙ x̂_nt for a LayerNorm, row sums of g for an Embedding, one backward pass per
+  example for any other parameter) and F_diag = (1/N) Σ_k w_k Σ_n (∇_θ ℓ_nk)².
   Squaring a mini-batch's summed gradient would add cross-example terms; that never happens.
+
+Every use of a parameter enters its per-example gradient once, before squaring:
+
+- a module called C times in one forward (ALBERT's shared layers, an embedding shared by an
+  encoder and a decoder): ∇_θ ℓ_n = Σ_c Σ_t (the calls' positions are concatenated), so
+  F_diag = (1/N) Σ_n (Σ_c ∇_θ ℓ_nc)², not Σ_c (∇_θ ℓ_nc)²;
+- a parameter of several hooked modules (tied embedding and output weights): the
+  per-example gradients of all of them are summed, then squared;
+- each parameter has one owner: the hooked modules that hold it, or the exact per-example
+  path (one backward pass per example) when no handler applies or when, on the first
+  batch, the autograd graph shows an op reading it that is not one of its modules' hooked
+  calls (``nn.MultiheadAttention.out_proj`` read inside ``F.multi_head_attention_forward``,
+  ``h @ head.weight.T``). That check counts, per parameter, the ops that read it (through
+  views, transposes and autocast copies) against the hooked calls; it needs no extra
+  forward pass and no communication, as it depends on the model's code, not on the data.
+  A parameter no op reads (an unused layer) keeps a zero Fisher. A module whose class
+  overrides the stock forward (Gemma's scaled word embedding, BART's positional embedding)
+  keeps its fast rule only if its output is the plain op on its input and parameters.
+
+K-FAC treats the C calls of a module as extra positions (the standard approximation for
+weight sharing): ``expand`` adds every call's valid positions to A and G; ``reduce`` reduces
+each call separately, so A = (1/(C·N)) Σ_{c,n} ā_nc ā_ncᵀ and G = (1/N) Σ_k w_k Σ_{c,n} ĝ_nck ĝ_nckᵀ.
+Neither is exact for C > 1 (the exact block has cross-call terms); the diagonal is.
 
 Positions where the batch's attention mask is 0 are dropped from every sum, and output
 positions whose label is -100 give v = 0. Sums and counts are all-reduced over processes
@@ -33,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_sum_, get_rank, is_main_process
+from ..distributed import all_reduce_sum_, get_rank, get_world_size, is_main_process
 from ..enums import FisherType, KFACApprox, Shape
 from .blocks import Curvature, KFACBlock
 from .config import FisherConfig
@@ -61,14 +85,22 @@ class _Call:
 class _Handler:
     """Accumulates the statistics of one module."""
 
+    weight: str | None = None
+    bias: str | None = None
+
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
 
+    def param_names(self) -> list[str]:
+        """The parameters this handler accumulates (the others of its module are not its own)."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
     def on_forward(self, call: _Call, cache: dict) -> None:  # pragma: no cover - overridden
         pass
 
-    def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:  # pragma: no cover
+    def on_backward(self, calls: list[_Call], gs: list[Tensor], w: float, est: "_Estimator") -> None:  # pragma: no cover
+        """Accumulate one output vector's statistics from all of this batch's calls of the module."""
         raise NotImplementedError
 
 
@@ -174,15 +206,17 @@ class _KFACLinear(_Handler):
             self.A[d, d] += rows.shape[0]
         self.a_count += rows.shape[0]
 
-    def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
-        n = call.mask.shape[0]
-        g = _flatten_positions(g, n)
-        if self.approx == KFACApprox.EXPAND:
-            gv = g[call.mask] if not bool(call.mask.all()) else g.reshape(-1, g.shape[-1])
-        else:
-            gv = (g * call.mask.unsqueeze(-1)).sum(1)
-        gram_upper_(self.G, gv, alpha=w, overwrite=self.fresh_G)
-        self.fresh_G = False
+    def on_backward(self, calls: list[_Call], gs: list[Tensor], w: float, est: "_Estimator") -> None:
+        """G += w Σ_calls Σ rows g gᵀ: several calls are extra positions (expand) or extra reduced rows."""
+        for call, g in zip(calls, gs):
+            n = call.mask.shape[0]
+            g = _flatten_positions(g, n)
+            if self.approx == KFACApprox.EXPAND:
+                gv = g[call.mask] if not bool(call.mask.all()) else g.reshape(-1, g.shape[-1])
+            else:
+                gv = (g * call.mask.unsqueeze(-1)).sum(1)
+            gram_upper_(self.G, gv, alpha=w, overwrite=self.fresh_G)
+            self.fresh_G = False
 
     def tensors(self) -> list[Tensor]:
         """The accumulators (a factor no batch has reached is zeroed first: it holds garbage)."""
@@ -194,65 +228,159 @@ class _KFACLinear(_Handler):
         return [self.A, self.G, self.a_count]
 
 
+def _masked_positions(calls: list[_Call], gs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(g ⊙ mask, a) of all calls, each (N, P_total, ·), the calls' positions concatenated.
+
+    Σ over the concatenated positions is Σ_calls Σ_t, so a per-example product formed from
+    these rows already sums the module's calls before anything is squared.
+    """
+    n = calls[0].mask.shape[0]
+    g = [_flatten_positions(g, n) * c.mask.unsqueeze(-1) for c, g in zip(calls, gs)]
+    a = [_flatten_positions(c.inp, n) for c in calls]
+    if len(calls) == 1:
+        return g[0], a[0]
+    return torch.cat(g, 1), torch.cat(a, 1)
+
+
 class _DiagLinear(_Handler):
-    def __init__(self, name: str, module: nn.Linear, weight: str | None, bias: str | None):
+    """Diagonal of an ``nn.Linear``, y = x Wᵀ + b: ∇W_n = Σ_c Σ_t g_nct a_nctᵀ, ∇b_n = Σ_c Σ_t g_nct."""
+
+    _EQUATION = "npo,npi->noi"  # (g, a) -> W's shape (d_out, d_in)
+
+    def __init__(self, name: str, module: nn.Module, weight: str | None, bias: str | None):
         super().__init__(name, module)
         self.weight, self.bias = weight, bias
 
-    def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
-        n = call.mask.shape[0]
-        mf = call.mask.unsqueeze(-1).float()
-        g = _flatten_positions(g, n) * mf
+    def on_backward(self, calls: list[_Call], gs: list[Tensor], w: float, est: "_Estimator") -> None:
+        g, a = _masked_positions(calls, gs)
+        n = g.shape[0]
         if self.bias is not None:
             est.add_per_example(self.bias, g.sum(1), w)
         if self.weight is not None:
-            a = _flatten_positions(call.inp, n)
-            per = max(1, _MAX_PER_EXAMPLE_NUMEL // max(1, g.shape[-1] * a.shape[-1]))
             if est.is_shared(self.weight):
-                est.add_per_example(self.weight, torch.einsum("npo,npi->noi", g, a), w)
-            else:
-                for s in range(0, n, per):
-                    pe = torch.einsum("npo,npi->noi", g[s : s + per], a[s : s + per])
-                    est.add_squares(self.weight, pe, w)
+                est.add_per_example(self.weight, torch.einsum(self._EQUATION, g, a), w)
+                return
+            per = max(1, _MAX_PER_EXAMPLE_NUMEL // max(1, g.shape[-1] * a.shape[-1]))
+            for s in range(0, n, per):
+                est.add_squares(self.weight, torch.einsum(self._EQUATION, g[s : s + per], a[s : s + per]), w)
+
+
+class _DiagConv1D(_DiagLinear):
+    """Diagonal of a transformers ``Conv1D``, y = x W + b with W (d_in, d_out): ∇W_n = Σ_c Σ_t a_nct g_nctᵀ."""
+
+    _EQUATION = "npo,npi->nio"
 
 
 class _DiagLayerNorm(_Handler):
+    """Diagonal of a LayerNorm: ∇γ_n = Σ_c Σ_t g_nct ⊙ x̂_nct, ∇β_n = Σ_c Σ_t g_nct."""
+
     def __init__(self, name: str, module: nn.LayerNorm, weight: str | None, bias: str | None):
         super().__init__(name, module)
         self.weight, self.bias = weight, bias
 
-    def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
+    def on_backward(self, calls: list[_Call], gs: list[Tensor], w: float, est: "_Estimator") -> None:
         mod = self.module
-        n = call.mask.shape[0]
         shape = tuple(mod.normalized_shape)
         k = len(shape)
-        x = call.inp.float().reshape((n, -1) + shape)
-        gg = g.float().reshape((n, -1) + shape)
-        mf = call.mask.reshape(call.mask.shape + (1,) * k).float()
-        gg = gg * mf
-        if self.weight is not None:
-            xhat = nn.functional.layer_norm(x, shape, None, None, mod.eps)
-            est.add_per_example(self.weight, (gg * xhat).sum(1), w)
-        if self.bias is not None:
-            est.add_per_example(self.bias, gg.sum(1), w)
+        dw: Tensor | None = None
+        db: Tensor | None = None
+        for call, g in zip(calls, gs):
+            n = call.mask.shape[0]
+            gg = g.float().reshape((n, -1) + shape) * call.mask.reshape(call.mask.shape + (1,) * k).float()
+            if self.weight is not None:
+                x = call.inp.float().reshape((n, -1) + shape)
+                xhat = nn.functional.layer_norm(x, shape, None, None, mod.eps)
+                t = (gg * xhat).sum(1)
+                dw = t if dw is None else dw + t
+            if self.bias is not None:
+                t = gg.sum(1)
+                db = t if db is None else db + t
+        if dw is not None:
+            est.add_per_example(self.weight, dw, w)  # type: ignore[arg-type]
+        if db is not None:
+            est.add_per_example(self.bias, db, w)  # type: ignore[arg-type]
 
 
 class _DiagEmbedding(_Handler):
+    """Diagonal of an Embedding: ∇E_n[v] = Σ_c Σ_{t: id_nct = v} g_nct (rows summed per (example, id))."""
+
     def __init__(self, name: str, module: nn.Embedding, weight: str):
         super().__init__(name, module)
         self.weight = weight
 
-    def on_backward(self, call: _Call, g: Tensor, w: float, est: "_Estimator") -> None:
+    def on_backward(self, calls: list[_Call], gs: list[Tensor], w: float, est: "_Estimator") -> None:
         mod = self.module
-        n = call.mask.shape[0]
-        ids = call.inp.reshape(n, -1)
-        g = _flatten_positions(g, n)
-        keep = call.mask.clone()
-        if mod.padding_idx is not None:
-            keep &= ids != mod.padding_idx
-        rows = g[keep]  # (M, D)
-        ex = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
-        est.add_per_example_rows(self.weight, ex, ids[keep], rows, w, n)
+        n = calls[0].mask.shape[0]
+        exs, idss, rowss = [], [], []
+        for call, g in zip(calls, gs):
+            ids = call.inp.reshape(n, -1)
+            keep = call.mask.clone()
+            if mod.padding_idx is not None:
+                keep &= ids != mod.padding_idx
+            rowss.append(_flatten_positions(g, n)[keep])  # (M_c, D)
+            exs.append(torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep])
+            idss.append(ids[keep])
+        cat = (lambda xs: xs[0]) if len(calls) == 1 else torch.cat
+        est.add_per_example_rows(self.weight, cat(exs), cat(idss), cat(rowss), w, n)  # type: ignore[arg-type]
+
+
+_TRANSPARENT_NODES = frozenset(
+    {
+        "TBackward", "ToCopyBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward",
+        "ExpandBackward", "UnsqueezeBackward", "SqueezeBackward", "PermuteBackward", "TransposeBackward",
+        "AliasBackward", "CloneBackward",
+    }
+)  # autograd nodes that only view, transpose or cast a tensor: a parameter read through them is one use
+
+
+def _node_kind(node: Any) -> str:
+    return type(node).__name__.rstrip("0123456789")
+
+
+def _graph(root: Any) -> tuple[set, dict]:
+    """Nodes of the autograd graph under ``root`` and, for each node, the nodes that consume it."""
+    seen, stack, consumers = {root}, [root], {}
+    while stack:
+        node = stack.pop()
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            consumers.setdefault(nxt, set()).add(node)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen, consumers
+
+
+def _first_op(node: Any) -> Any:
+    """The first node under ``node`` that is not a view, transpose or cast."""
+    while node is not None and _node_kind(node) in _TRANSPARENT_NODES:
+        node = next((n for n, _ in node.next_functions if n is not None), None)
+    return node
+
+
+_STOCK_OPS = {  # autograd nodes the stock forward of each handled type ends in
+    nn.Embedding: {"EmbeddingBackward"},
+    nn.LayerNorm: {"NativeLayerNormBackward"},
+    nn.Linear: {"AddmmBackward", "MmBackward"},
+}
+
+
+def _stock_forward_type(module: nn.Module) -> type | None:
+    """The handled base class whose forward ``module`` runs, or None if its class overrides it."""
+    conv1d = _conv1d_type()
+    for base in (nn.Embedding, nn.LayerNorm, nn.Linear) + ((conv1d,) if conv1d is not None else ()):
+        if isinstance(module, base):
+            return base if type(module).forward is base.forward else None
+    return None
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
 
 
 @dataclass
@@ -265,7 +393,12 @@ class _Accum:
 
 
 class _Estimator:
-    """Plans the hooks of a model and accumulates the Fisher statistics."""
+    """Plans the hooks of a model and accumulates the Fisher statistics.
+
+    Each trainable parameter has exactly one owner: the handlers of the modules that hold it
+    (``handlers``, fast per-example rules from hooked calls) or ``fallback_params`` (exact
+    per-example autograd over all of its uses). Never both, so no use is counted twice.
+    """
 
     def __init__(self, model: nn.Module, cfg: FisherConfig) -> None:
         self.model = model
@@ -275,7 +408,8 @@ class _Estimator:
         self.diag_fallbacks: dict[str, str] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.acc = _Accum()
-        self._shared: set[str] = set()
+        self._shared: set[str] = set()  # held by more than one module
+        self._summed: set[str] = set()  # accumulated by more than one handler: summed before squaring
         self._plan()
 
     # ----------------------------------------------------------------- planning
@@ -289,6 +423,9 @@ class _Estimator:
                 if id(p) not in names:
                     names[id(p)] = full
                 owners.setdefault(id(p), []).append(mname)
+        conv1d = _conv1d_type()
+        unhandled: dict[str, nn.Parameter] = {}
+        conv1d_kfac: list[str] = []
         for mname, module in self.model.named_modules():
             direct = {
                 pname: p
@@ -308,13 +445,34 @@ class _Estimator:
             known = set(direct) <= {"weight", "bias"}
             if isinstance(module, nn.Linear) and known:
                 self.handlers[mname] = self._plan_linear(mname, module, w, b)
+            elif conv1d is not None and isinstance(module, conv1d) and known:
+                self.handlers[mname] = _DiagConv1D(mname, module, w, b)
+                if cfg.shape == Shape.KFAC and w is not None:
+                    self.diag_fallbacks[mname] = (
+                        "transformers Conv1D (weight stored as (in, out)): K-FAC blocks cover nn.Linear "
+                        "only, so it gets an exact diagonal"
+                    )
+                    conv1d_kfac.append(mname)
             elif isinstance(module, nn.LayerNorm) and known:
                 self.handlers[mname] = _DiagLayerNorm(mname, module, w, b)
             elif isinstance(module, nn.Embedding) and set(direct) == {"weight"} and not module.sparse:
-                self.handlers[mname] = _DiagEmbedding(mname, module, w)
+                self.handlers[mname] = _DiagEmbedding(mname, module, w)  # type: ignore[arg-type]
             else:
                 for pname, p in direct.items():
-                    self.fallback_params.setdefault(full[pname], p)
+                    unhandled.setdefault(full[pname], p)
+        # A parameter that a handled module also holds (BERT's `cls.predictions.bias` is
+        # `cls.predictions.decoder.bias`) belongs to the handler alone; if its other holder
+        # reads it too, the first batch's check (`check_uses`) hands it to the fallback whole.
+        handled = {p for h in self.handlers.values() for p in h.param_names()}
+        self.fallback_params = {k: p for k, p in unhandled.items() if k not in handled}
+        self._update_summed()
+        if conv1d_kfac:
+            logger.warning(
+                "K-FAC is not applied to %d transformers Conv1D module(s) (%s): their weight is stored "
+                "transposed, (in, out); they get an exact diagonal Fisher (see Curvature.diag_fallbacks).",
+                len(conv1d_kfac),
+                ", ".join(conv1d_kfac[:5]),
+            )
         if self.fallback_params:
             logger.warning(
                 "No per-example rule for %d parameter(s) (%s); their diagonal Fisher uses one "
@@ -322,6 +480,14 @@ class _Estimator:
                 len(self.fallback_params),
                 ", ".join(list(self.fallback_params)[:5]),
             )
+
+    def _update_summed(self) -> None:
+        count: dict[str, int] = {}
+        for h in self.handlers.values():
+            for p in h.param_names():
+                count[p] = count.get(p, 0) + 1
+        self._summed = {p for p, c in count.items() if c > 1}
+        assert not set(count) & set(self.fallback_params), "a parameter has two owners"
 
     def _plan_linear(self, mname: str, module: nn.Linear, w: str | None, b: str | None) -> _Handler:
         cfg = self.cfg
@@ -334,7 +500,7 @@ class _Estimator:
         if _matches(mname, cfg.force_diag):
             reason = "force_diag pattern"
         elif w in self._shared or (b is not None and b in self._shared):
-            reason = "weight shared with another module"
+            reason = "weight or bias shared with another module"
         elif ratio > cfg.max_factor_ratio:
             reason = f"factors would hold {ratio:.1f}x the weight's numbers (max_factor_ratio={cfg.max_factor_ratio:g})"
         if reason is not None:
@@ -342,9 +508,144 @@ class _Estimator:
             return _DiagLinear(mname, module, w, b)
         return _KFACLinear(mname, module, w, b, cfg.kfac_approx)
 
+    # ------------------------------------------------------ first-batch use check
+    def check_uses(self, z: Tensor, calls: list[_Call]) -> list[str]:
+        """Hand to the exact fallback every handled parameter read outside its modules' hooked calls.
+
+        From the autograd graph of ``z``: uses(θ) = ops that read θ (through view, transpose and
+        cast nodes), calls(θ) = hooked calls of θ's modules whose output reaches z. Each call
+        is one such op, so uses > calls means an op the handler never sees (a Linear whose
+        weight is read by ``F.multi_head_attention_forward``, ``h @ lin.weight.T``, a holder
+        module adding its own copy of a tied bias): its per-example gradient must come from
+        autograd. A parameter with no use at all keeps its handler (and a zero Fisher).
+
+        A module whose class overrides the stock forward (a scaled word embedding, a positional
+        embedding that looks up positions instead of its argument) is handed over too unless
+        :meth:`_stock_call` finds its output to be the plain op on its input and parameters.
+        ``calls`` is updated in place to the new handlers. Returns the moved parameters.
+        """
+        if z.grad_fn is None or not self.handlers:
+            return []
+        by_id = {id(self.params[p]): p for h in self.handlers.values() for p in h.param_names()}
+        seen, consumers = _graph(z.grad_fn)
+        uses: dict[str, set] = {}
+        for node in seen:
+            if _node_kind(node) != "AccumulateGrad" or id(node.variable) not in by_id:
+                continue
+            ops: set = set()
+            stack, visited = [node], {node}
+            while stack:
+                for c in consumers.get(stack.pop(), ()):
+                    if c in visited:
+                        continue
+                    visited.add(c)
+                    if _node_kind(c) in _TRANSPARENT_NODES and c in consumers:
+                        stack.append(c)
+                    else:
+                        ops.add(c)
+            uses[by_id[id(node.variable)]] = ops
+        n_calls: dict[str, int] = {}
+        custom: set[str] = set()  # modules whose own forward does not end in the op their handler assumes
+        for call in calls:
+            if call.out.grad_fn not in seen:
+                continue
+            for p in call.handler.param_names():
+                n_calls[p] = n_calls.get(p, 0) + 1
+            if _stock_forward_type(call.handler.module) is None and not self._stock_call(call, uses):
+                custom.add(call.handler.name)
+        moved = sorted(p for p, u in uses.items() if len(u) > n_calls.get(p, 0))
+        if moved:
+            self.move_to_fallback(set(moved), "weight read outside the module's forward call")
+            logger.warning(
+                "%d parameter(s) are read outside the forward call of their module (%s), e.g. "
+                "nn.MultiheadAttention.out_proj inside F.multi_head_attention_forward or h @ lin.weight.T; "
+                "their diagonal Fisher uses the exact per-example path (one backward pass per example).",
+                len(moved),
+                ", ".join(moved[:8]) + (", ..." if len(moved) > 8 else ""),
+            )
+        custom &= set(self.handlers)
+        if custom:
+            names = sorted(custom)
+            own = {p for m in names for p in self.handlers[m].param_names()}
+            self.move_to_fallback(own, "its class overrides forward: the output is not the plain op of its weight")
+            moved += sorted(own)
+            logger.warning(
+                "%d module(s) subclass nn.Embedding/nn.Linear/nn.LayerNorm/Conv1D with a forward that is not "
+                "the plain op on their input (%s, e.g. a scaled word embedding, a positional embedding "
+                "that looks up positions, not its argument); their diagonal Fisher uses the exact "
+                "per-example path (one backward pass per example).",
+                len(names),
+                ", ".join(f"{m} ({type(self.model.get_submodule(m)).__name__})" for m in names[:5]),
+            )
+        if not moved:
+            return []
+        kept = [c for c in calls if c.handler.name in self.handlers]
+        for c in kept:
+            c.handler = self.handlers[c.handler.name]
+        calls[:] = kept
+        return moved
+
+    @staticmethod
+    def _stock_call(call: _Call, uses: dict[str, set]) -> bool:
+        """Whether a call of a module with its own forward still is out = op(input, its parameters).
+
+        The output must come (through views and casts) straight from the op the handler's rule
+        assumes, that op must read each of the handler's parameters directly, and an embedding
+        must look up the ids the module was given.
+        """
+        top = _first_op(call.out.grad_fn)
+        h = call.handler
+        if isinstance(h, _DiagEmbedding):
+            kinds = _STOCK_OPS[nn.Embedding]
+        elif isinstance(h, _DiagLayerNorm):
+            kinds = _STOCK_OPS[nn.LayerNorm]
+        else:
+            kinds = _STOCK_OPS[nn.Linear]
+        if top is None or _node_kind(top) not in kinds:
+            return False
+        if not all(top in uses.get(p, ()) for p in h.param_names()):
+            return False
+        if isinstance(h, _DiagEmbedding):
+            ids = getattr(top, "_saved_indices", None)
+            inp = call.inp
+            if ids is None or ids.dim() != inp.dim() or any(a not in (1, b) for a, b in zip(ids.shape, inp.shape)):
+                return False
+            return bool(torch.equal(ids.expand(inp.shape), inp))
+        return True
+
+    def move_to_fallback(self, pnames: set[str], reason: str) -> None:
+        """Give ``pnames`` to the exact per-example path; their handlers keep only their other parameters.
+
+        Only before any statistics are accumulated (a K-FAC handler is rebuilt, not trimmed).
+        """
+        for mname, h in list(self.handlers.items()):
+            if not pnames & set(h.param_names()):
+                continue
+            w = None if h.weight in pnames else h.weight
+            b = None if h.bias in pnames else h.bias
+            new: _Handler | None = h
+            if isinstance(h, _KFACLinear):
+                if w is None:
+                    self.diag_fallbacks[mname] = reason
+                    new = _DiagLinear(mname, h.module, None, b) if b is not None else None
+                else:
+                    new = _KFACLinear(mname, h.module, w, b, h.approx)  # type: ignore[arg-type]
+            else:
+                h.weight, h.bias = w, b
+                if not h.param_names():
+                    new = None
+            if new is None:
+                del self.handlers[mname]
+            else:
+                self.handlers[mname] = new
+        for p in sorted(pnames):
+            self.fallback_params[p] = self.params[p]
+        self._update_summed()
+
     # ------------------------------------------------------------- accumulation
     def is_shared(self, pname: str) -> bool:
-        return pname in self._shared
+        """Whether several handlers add to ``pname``'s per-example gradient (summed, then squared)."""
+        return pname in self._summed
 
     def add_squares(self, pname: str, per_example: Tensor, w: float) -> None:
         """F_diag[p] += w Σ_n per_example[n]²."""
@@ -356,15 +657,20 @@ class _Estimator:
 
     def add_per_example(self, pname: str, per_example: Tensor, w: float) -> None:
         """Add a per-example gradient contribution; shared parameters are summed before squaring."""
-        if pname in self._shared:
+        if pname in self._summed:
             buf = self.acc.dense.get(pname)
             self.acc.dense[pname] = per_example if buf is None else buf + per_example
         else:
             self.add_squares(pname, per_example, w)
 
     def add_per_example_rows(self, pname: str, ex: Tensor, ids: Tensor, rows: Tensor, w: float, n: int) -> None:
-        """Add embedding-row gradients: example ``ex[i]`` gets ``rows[i]`` in row ``ids[i]``."""
-        if pname in self._shared:
+        """Add embedding-row gradients: example ``ex[i]`` gets ``rows[i]`` in row ``ids[i]``.
+
+        F_diag[v] += w Σ_n (Σ_{i: ex_i = n, ids_i = v} rows_i)²: rows of the same (example, id),
+        from any position or call, are summed before squaring, without a vocabulary-sized
+        per-example buffer (unless another handler shares the parameter).
+        """
+        if pname in self._summed:
             shape = self.params[pname].shape
             dense = torch.zeros((n,) + tuple(shape), dtype=torch.float32, device=rows.device)
             dense.index_put_((ex, ids), rows, accumulate=True)
@@ -390,6 +696,7 @@ class _Estimator:
 
     # ------------------------------------------------------------------ result
     def finalize(self, n_examples: float) -> Curvature:
+        self._check_same_plan()
         dev_tensors: list[Tensor] = []
         for h in self.handlers.values():
             if isinstance(h, _KFACLinear):
@@ -409,6 +716,25 @@ class _Estimator:
             if not self._in_kfac(pname):
                 curv.diag[pname] = self.acc.sq[pname] / n_examples
         return curv
+
+    def _check_same_plan(self) -> None:
+        """Refuse to reduce statistics if processes planned differently (their buffers would not line up).
+
+        With x = (#K-FAC blocks, #fallback parameters) per rank: all ranks agree iff
+        W Σ x² = (Σ x)², so one all-reduce of (x, x²) decides it.
+        """
+        if get_world_size() < 2:
+            return
+        n_kfac = sum(isinstance(h, _KFACLinear) for h in self.handlers.values())
+        x = torch.tensor([n_kfac, len(self.fallback_params)], dtype=torch.float64, device=next(iter(self.params.values())).device)
+        t = torch.cat([x, x * x])
+        all_reduce_sum_([t])
+        if bool((t[2:] * get_world_size() != t[:2] ** 2).any()):
+            raise RuntimeError(
+                "processes disagree on which parameters get K-FAC blocks or the exact per-example path "
+                f"(this rank: {n_kfac} blocks, fallback {sorted(self.fallback_params)[:5]}); the first batch "
+                "of each rank must run the same modules."
+            )
 
     def _in_kfac(self, pname: str) -> bool:
         for h in self.handlers.values():
@@ -531,7 +857,9 @@ def estimate_fisher(
     cache: dict = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        handler = est.handlers[names[id(module)]]
+        handler = est.handlers.get(names[id(module)])
+        if handler is None:  # its parameters went to the exact per-example path
+            return None
         x = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(output, Tensor) or not output.requires_grad:
             return None
@@ -600,6 +928,9 @@ def estimate_fisher(
                 out = predictive_fn(model, batch)
             z, labels, mask = out.flat()
             n_examples += z.shape[0]
+            if i == 0 and est.check_uses(z, calls):
+                fallback = list(est.fallback_params.values())
+                fallback_names = list(est.fallback_params)
             _accumulate_kfac_inputs(calls)
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
@@ -615,9 +946,15 @@ def estimate_fisher(
             ):
                 if outs:
                     grads = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
+                    # all calls of one module at once: their per-example gradients add up before squaring
+                    per_handler: dict[_Handler, tuple[list[_Call], list[Tensor]]] = {}
                     for call, g in zip(calls, grads):
                         if g is not None:
-                            call.handler.on_backward(call, g, w, est)
+                            cs, gs = per_handler.setdefault(call.handler, ([], []))
+                            cs.append(call)
+                            gs.append(g)
+                    for handler, (cs, gs) in per_handler.items():
+                        handler.on_backward(cs, gs, w, est)
                     est.flush_shared(w)
                 for n in range(z.shape[0]) if fallback else ():
                     vn = torch.zeros_like(v)

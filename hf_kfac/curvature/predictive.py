@@ -166,7 +166,8 @@ def output_vectors(
     Per output position with logits z and p = softmax(z), ∇_z(-log p_y) = p − e_y, so:
 
     - ``mc``: v = p − e_y with y ~ p, w = 1/S for each of S samples;
-    - ``empirical``: v = p − e_y with the true y, w = 1;
+    - ``empirical``: v = p − e_y with the true y, w = 1 (a negative y at a position that
+      counts is an error: only -100 marks an ignored position);
     - ``exact``: H = diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ, so one vector
       v = √p_c (p − e_c) per class c and output position (positions one at a time, so
       that no cross-position terms enter), w = 1.
@@ -193,9 +194,16 @@ def output_vectors(
     if likelihood == Likelihood.CATEGORICAL:
         probs = torch.softmax(z, dim=-1)
         if fisher_type == FisherType.EMPIRICAL:
-            y = labels.clamp_min(0)
+            negative = (labels < 0) & mask
+            if negative.any():
+                bad = int(labels[negative][0])
+                raise ValueError(
+                    f"label {bad} at a position that counts: class ids must be in [0, {c}). "
+                    f"Use {IGNORE_INDEX} for ignored positions (no other negative value is ignored)."
+                )
             if ((labels >= c) & mask).any():
                 raise ValueError(f"a label is >= the number of classes ({c}).")
+            y = labels.clamp_min(0)  # ignored (-100) positions: any class, v is masked to 0
             yield (probs - nn.functional.one_hot(y, c).to(z.dtype)) * m, 1.0
         elif fisher_type == FisherType.MC:
             for _ in range(n_samples):
