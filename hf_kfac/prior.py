@@ -3,10 +3,19 @@
 A prior is a list of *slots*. Each slot holds an anchor θ*_s, a curvature F_s normalised
 like a mean Fisher, and a weight c_s. The penalty is
 
-    P(θ) = ½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δ I) (θ − θ*_s),
+    P(θ) = ½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + D_s) (θ − θ*_s),
 
-with damping δ (for a K-FAC block, (A + π√δ I) ⊗ (G + √δ/π I), π² = (tr A / d_A)/(tr G / d_G),
-so that the product gains about δ·I whatever the scales of A and G).
+where D_s is what the damping δ >= 0 adds to the curvature. A diagonal (or identity) term
+gains exactly δ: D = δ I. A K-FAC block F = A ⊗ G (A over the layer's inputs, G over its
+outputs) is damped factor by factor (Martens & Grosse 2015, factored Tikhonov damping):
+
+    (A + π√δ I) ⊗ (G + √δ/π I),   π² = (tr A / d_A) / (tr G / d_G)   (π = 1 if a trace is 0),
+
+so that D = δ I + √δ (π I ⊗ G + A ⊗ I / π). That is more than δ I, and grows with the scale
+of the factors: for A = a I and G = g I, D = (δ + 2√(δ a g)) I. The product F + D does not
+depend on how the scale of F is split between A and G, and π is the value that minimises
+the trace of the cross terms √δ (π I ⊗ G + A ⊗ I / π). A compact block is damped by the same
+rule, the π√δ and √δ/π going into the residuals of its factors.
 
 Accumulation over tasks t = 1..T with task weights s_t (N_t, or 1) and decay γ:
 
@@ -28,7 +37,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -50,11 +59,13 @@ from .enums import Accumulation, Shape, TaskWeighting
 from .penalty import CompactKFACTerm, DiagTerm, FactorOp, KFACTerm, QuadraticPenalty
 from .serialization import (
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_PRIOR_SUBFOLDER,
     PRIOR_CONFIG_NAME,
     PriorFileError,
     check_finite,
     load_tensor_folder,
     read_config,
+    restore_interrupted_save,
     save_tensor_folder,
 )
 from .version import __version__
@@ -72,7 +83,9 @@ class PriorConfig:
         accumulation: ``separate`` or ``merge``.
         decay: γ in (0, 1]: weight of a task shrinks by γ with each newer task.
         task_weighting: ``data_size`` (s_t = N_t, the Laplace posterior) or ``uniform``.
-        damping: δ >= 0 added to every slot's curvature at penalty time.
+        damping: δ >= 0, applied to every slot's curvature at penalty time: δ is added to a
+            diagonal; a K-FAC block A ⊗ G becomes (A + π√δ I) ⊗ (G + √δ/π I), which adds
+            δ I + √δ (π I ⊗ G + A ⊗ I / π) (see the module docstring).
         storage: How K-FAC factors (and anchors) are stored: ``"full"`` (default),
             ``"compact"``, or a :class:`~hf_kfac.compact.StorageConfig` / dict with the
             compact options (``rank_fraction``, ``rank``, ``energy``, ``remainder``,
@@ -356,9 +369,11 @@ class Prior:
         return pen
 
     def penalty(self, model: nn.Module | dict[str, Tensor], lam: float) -> Tensor:
-        """½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δI) (θ − θ*_s), differentiable w.r.t. the parameters.
+        """½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + D_s) (θ − θ*_s), differentiable w.r.t. the parameters.
 
-        The gradient λ c_s (F_s + δI)(θ − θ*_s) is computed in closed form in the forward call.
+        D_s is the damping: δ I on diagonal terms, δ I + √δ (π I ⊗ G + A ⊗ I / π) on a K-FAC
+        block A ⊗ G (its factors damped as (A + π√δ I) ⊗ (G + √δ/π I); see the module docstring).
+        The gradient λ c_s (F_s + D_s)(θ − θ*_s) is computed in closed form in the forward call.
         """
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"the penalty strength λ must be a finite float >= 0, got {lam!r}.")
@@ -478,6 +493,11 @@ class Prior:
         the model's current weights is stored as a reference (a SHA-256 of those weights) rather
         than a copy; save the model beside the prior and load both together
         (``Prior.from_pretrained(folder, model=model)``).
+
+        The save replaces ``folder`` as a whole, so it raises :class:`PriorFileError` (and writes
+        nothing) when ``folder`` holds anything but a prior's own files: save beside a model
+        into its subfolder, ``<model folder>/fisher``. A save killed at any point leaves the old
+        or the new prior, which loading restores (see :mod:`hf_kfac.serialization`).
         """
         refs = self.anchor_references(model)
         return save_tensor_folder(folder, self.state_dict(refs), self.config_dict(refs), max_shard_size)
@@ -500,18 +520,21 @@ class Prior:
         else its ``subfolder``. Otherwise ``path_or_repo`` is a Hub repo id, downloaded with
         ``huggingface_hub.snapshot_download`` restricted to the prior's JSON and safetensors
         files, so caching, revisions, tokens and ``HF_HUB_OFFLINE`` behave as usual.
-        When ``model`` is given, the prior is checked against it.
+        When ``model`` is given, the prior is checked against it. A local prior folder that an
+        interrupted save left missing is restored first, with a warning.
         """
         from .hub import resolve_prior_folder
 
-        folder = resolve_prior_folder(
-            path_or_repo,
-            subfolder=subfolder,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
+        folder = _restore_local(path_or_repo, subfolder)
+        if folder is None:
+            folder = resolve_prior_folder(
+                path_or_repo,
+                subfolder=subfolder,
+                revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
         prior = cls.load_folder(folder, model=model)
         if model is not None:
             prior.check_compatible(model)
@@ -523,24 +546,35 @@ class Prior:
 
         ``model`` is needed only for a compact prior that stores its anchor as a reference to
         the weights saved beside it; those weights are checked against the recorded SHA-256.
+        A missing ``folder`` that an interrupted save left beside its leftovers is restored
+        first, with a warning. Every missing or malformed entry of ``prior_config.json`` is a
+        :class:`PriorFileError` naming the file and the entry.
         """
-        folder = Path(folder)
+        folder = restore_interrupted_save(Path(folder))
         cfg = read_config(folder)
-        version = cfg.get("format_version")
-        if not isinstance(version, int):
-            raise PriorFileError(f"{str(folder / PRIOR_CONFIG_NAME)!r} is corrupted: `format_version` is missing.")
+        check = _ConfigCheck(folder / PRIOR_CONFIG_NAME)
+        version = check.field(cfg, "format_version", "int")
         if version > FORMAT_VERSION:
             raise PriorFileError(
                 f"the prior in {str(folder)!r} has format version {version}, newer than this hf_kfac "
                 f"({__version__}) reads (version {FORMAT_VERSION}). Upgrade hf_kfac: pip install -U hf-kfac."
             )
-        try:
-            prior = cls(PriorConfig(**cfg["prior"]), FisherConfig(**cfg["fisher"]))
-            prior.tasks = [TaskRecord(**t) for t in cfg["tasks"]]
-            prior.param_shapes = {k: list(v) for k, v in cfg["params"].items()}
-            slots_cfg = cfg["slots"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise PriorFileError(f"{str(folder / PRIOR_CONFIG_NAME)!r} is corrupted or incomplete: {e}") from e
+        if version < 1:
+            raise check.error("format_version", f"is {version}; saved priors have version 1 to {FORMAT_VERSION}")
+        prior = cls(
+            check.build(PriorConfig, check.field(cfg, "prior", "dict"), "prior"),
+            check.build(FisherConfig, check.field(cfg, "fisher", "dict"), "fisher"),
+        )
+        for i, t in enumerate(check.field(cfg, "tasks", "list")):
+            check.item(t, f"tasks[{i}]", "dict")
+            check.field(t, "name", "str", f"tasks[{i}]")
+            check.field(t, "n_examples", "count", f"tasks[{i}]")
+            prior.tasks.append(check.build(TaskRecord, t, f"tasks[{i}]"))
+        params = check.field(cfg, "params", "dict")
+        for k, v in params.items():
+            check.item(v, f"params[{k!r}]", "shape")
+        prior.param_shapes = {k: list(v) for k, v in params.items()}
+        slots_cfg = [check.slot(sc, i, prior) for i, sc in enumerate(check.field(cfg, "slots", "list"))]
         tensors = load_tensor_folder(folder, cfg)
         # bfloat16 is allowed for the eigenvectors of compact factors only
         check_finite(tensors, {k: ({torch.float32, torch.bfloat16} if k.endswith(".eigvecs") else {torch.float32}) for k in tensors})
@@ -552,11 +586,17 @@ class Prior:
                 anchor = {p: _take(tensors, f"slots.{i}.anchor.{p}", prior.param_shapes.get(p), expected) for p in sc["anchor"]}
             curv = None
             if "kfac" in sc:
-                curv = Curvature(n_examples=int(sc.get("n_examples", 0)), diag_fallbacks=dict(sc.get("diag_fallbacks", {})))
+                curv = Curvature(n_examples=int(sc.get("n_examples") or 0), diag_fallbacks=dict(sc.get("diag_fallbacks") or {}))
                 for m, spec in sc["kfac"].items():
                     wshape = prior.param_shapes.get(spec["weight"])
                     if wshape is None or len(wshape) != 2:
                         raise PriorFileError(f"the prior config lists K-FAC layer {m!r} without a 2-D weight shape.")
+                    if spec["bias"] is not None and prior.param_shapes.get(spec["bias"]) != [wshape[0]]:
+                        raise check.error(
+                            f"slots[{i}].kfac[{m!r}].bias",
+                            f"names {spec['bias']!r}, whose shape {prior.param_shapes.get(spec['bias'])} in `params` is not "
+                            f"[{wshape[0]}], the output size of the weight {spec['weight']!r}",
+                        )
                     d_in = wshape[1] + (1 if spec["bias"] is not None else 0)
                     if spec.get("format", "full") == "compact":
                         facs = []
@@ -585,6 +625,117 @@ class Prior:
         if extra:
             raise PriorFileError(f"tensor {extra[0]!r} in the prior files is not described by {PRIOR_CONFIG_NAME}.")
         return prior
+
+
+def _restore_local(path_or_repo: str | os.PathLike, subfolder: str | None) -> Path | None:
+    """A local prior folder that an interrupted save left missing, restored; ``None`` when there is none.
+
+    ``path_or_repo`` is the prior folder, or a folder whose ``subfolder`` (``fisher`` by default) is.
+    """
+    local = Path(path_or_repo).expanduser()
+    sub = DEFAULT_PRIOR_SUBFOLDER if subfolder is None else "/".join(PurePosixPath(str(subfolder).replace("\\", "/")).parts)
+    targets = []
+    if not os.path.lexists(local):
+        targets.append(local)
+    elif local.is_dir() and not (local / PRIOR_CONFIG_NAME).is_file() and sub and not os.path.lexists(local / sub):
+        targets.append(local / sub)
+    for target in targets:
+        folder = restore_interrupted_save(target)
+        if folder.is_dir():
+            return folder
+    return None
+
+
+_CONFIG_FIX = "Restore the prior folder from a backup, or re-run consolidation and save the prior again."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _ConfigCheck:
+    """Checks of the entries of ``prior_config.json``: each failure is a :class:`PriorFileError` that
+    names the file, the entry (``slots[0].kfac['0'].weight``) and the fix."""
+
+    _KINDS: dict[str, tuple[str, Any]] = {
+        "int": ("an integer", _is_int),
+        "count": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+        "weight": ("a finite number > 0", lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v) and v > 0),
+        "str": ("a string", lambda v: isinstance(v, str)),
+        "str|null": ("a string or null", lambda v: v is None or isinstance(v, str)),
+        "list": ("a JSON list", lambda v: isinstance(v, list)),
+        "dict": ("a JSON object", lambda v: isinstance(v, dict)),
+        "names": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+        "indices": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v)),
+        "shape": ("a list of integers >= 0", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+    }
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def error(self, field: str, problem: str) -> PriorFileError:
+        return PriorFileError(f"{str(self.path)!r} is corrupted: `{field}` {problem}. {_CONFIG_FIX}")
+
+    def item(self, value: Any, field: str, kind: str) -> Any:
+        desc, ok = self._KINDS[kind]
+        if not ok(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise self.error(field, f"should be {desc}, not {type(value).__name__} {shown}")
+        return value
+
+    def field(self, obj: dict[str, Any], key: str, kind: str, where: str = "", required: bool = True) -> Any:
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            if required:
+                raise self.error(name, "is missing")
+            return None
+        return self.item(obj[key], name, kind)
+
+    def build(self, cls: Any, kwargs: dict[str, Any], field: str) -> Any:
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError, KeyError) as e:
+            raise self.error(field, f"is invalid ({e})") from e
+
+    def slot(self, sc: Any, i: int, prior: "Prior") -> dict[str, Any]:
+        """Check slot ``i`` of the config: types, and the names it uses against ``params`` and ``tasks``."""
+        where = f"slots[{i}]"
+        self.item(sc, where, "dict")
+        self.field(sc, "scale", "weight", where)
+        tasks = self.field(sc, "tasks", "indices", where)
+        bad = [t for t in tasks if not 0 <= t < len(prior.tasks)]
+        if bad:
+            raise self.error(f"{where}.tasks", f"refers to task {bad[0]}, but `tasks` lists {len(prior.tasks)} task(s)")
+        anchor = self.field(sc, "anchor", "names", where)
+        self.field(sc, "anchor_ref", "dict", where, required=False)
+        for p in anchor:
+            if p not in prior.param_shapes:
+                raise self.error(f"{where}.anchor", f"names parameter {p!r}, which `params` does not list")
+        if "kfac" not in sc:
+            if prior.config.shape != Shape.IDENTITY or "diag" in sc:
+                raise self.error(f"{where}.kfac", f"is missing (a {prior.config.shape!s} prior keeps its curvature there)")
+            return sc
+        self.field(sc, "n_examples", "count", where, required=False)
+        self.field(sc, "diag_fallbacks", "dict", where, required=False)
+        covered = set()
+        for m, spec in self.field(sc, "kfac", "dict", where).items():
+            w = f"{where}.kfac[{m!r}]"
+            self.item(spec, w, "dict")
+            names = [self.field(spec, "weight", "str", w), self.field(spec, "bias", "str|null", w)]
+            fmt = self.field(spec, "format", "str", w, required=False)
+            if fmt not in (None, "full", "compact"):
+                raise self.error(f"{w}.format", f"is {fmt!r}; a K-FAC block is stored as 'full' or 'compact'")
+            for key, p in zip(("weight", "bias"), names):
+                if p is not None and p not in anchor:
+                    raise self.error(f"{w}.{key}", f"names parameter {p!r}, which the slot's `anchor` does not list")
+            covered.update(p for p in names if p is not None)
+        for p in self.field(sc, "diag", "names", where):
+            if p not in anchor:
+                raise self.error(f"{where}.diag", f"names parameter {p!r}, which the slot's `anchor` does not list")
+            if p in covered:
+                raise self.error(f"{where}.diag", f"names parameter {p!r}, which a K-FAC block of the slot already covers")
+        return sc
 
 
 def _resolve_anchor_ref(
@@ -655,7 +806,11 @@ def _factor_op(F: CompactFactor, residual: Tensor, dtype: torch.dtype) -> Factor
 
 
 def damp_factors(A: Tensor, G: Tensor, delta: float) -> tuple[Tensor, Tensor]:
-    """(A + π√δ I, G + √δ/π I) with π² = (tr A / d_A) / (tr G / d_G) (π = 1 if a trace is 0)."""
+    """(A + π√δ I, G + √δ/π I) with π² = (tr A / d_A) / (tr G / d_G) (π = 1 if a trace is 0).
+
+    Their product is A ⊗ G + δ I + √δ (π I ⊗ G + A ⊗ I / π): the damping adds more than δ I,
+    e.g. (δ + 2√(δ a g)) I for A = a I, G = g I.
+    """
     ta, tg = float(torch.trace(A)) / A.shape[0], float(torch.trace(G)) / G.shape[0]
     pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
     r = math.sqrt(delta)

@@ -3,7 +3,10 @@
 Objective per optimizer step, whatever the gradient accumulation (K micro-batches) and the
 number of processes W:
 
-    L_task(θ) + λ P(θ),   P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δI) (θ − θ*_s).
+    L_task(θ) + λ P(θ),   P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ (F_s + D_s) (θ − θ*_s),
+
+with D_s the damping's addition: δI for diagonal terms, δI + √δ(π I⊗G + A⊗I/π) for a K-FAC
+block A⊗G (see :mod:`hf_kfac.prior`).
 
 How the penalty is scaled (see ``ContinualTrainer._penalty_coefficient``): the Trainer back-propagates
 each micro-batch's ``compute_loss`` value, divided by K unless the loss is "scaled for GA" (the
@@ -41,7 +44,7 @@ from .curvature.predictive import PredictiveFn
 from .distributed import all_reduce_sum_
 from .enums import PenaltyType, Shape
 from .prior import Prior, TaskRecord
-from .serialization import PRIOR_CONFIG_NAME
+from .serialization import PRIOR_CONFIG_NAME, restore_interrupted_save
 from .trainer_config import PENALTY_SHAPES, ContinualConfig
 
 __all__ = ["ContinualTrainer"]
@@ -134,8 +137,8 @@ class ContinualTrainer(Trainer):
         trainer = ContinualTrainer(model=model, args=args_b, train_dataset=task_b, prior="el-disease")
         trainer.train(); trainer.consolidate(task_name="drugs")
 
-    Training minimises L_task(θ) + λ·P(θ) with P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ(F_s + δI)(θ − θ*_s)
-    (see :mod:`hf_kfac.prior`). The penalty contributes exactly λ∇P to the gradient of each
+    Training minimises L_task(θ) + λ·P(θ) with P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ(F_s + D_s)(θ − θ*_s)
+    (D_s: the damping, see :mod:`hf_kfac.prior`). The penalty contributes exactly λ∇P to the gradient of each
     optimizer step, independent of ``gradient_accumulation_steps``, the number of processes and
     ``average_tokens_across_devices`` (see the module docstring). ``loss`` is logged as the total;
     ``loss_task`` and ``loss_penalty`` (λP) are logged beside it, averaged over the logging window.
@@ -505,6 +508,8 @@ class ContinualTrainer(Trainer):
 
     def _restore_prior(self, checkpoint: str) -> None:
         folder = self._prior_folder(checkpoint)
+        # a save killed between its two renames leaves the prior in a hidden sibling: put it back
+        folder = restore_interrupted_save(folder)
         if not folder.is_dir():
             if self.prior is not None:
                 logger.warning(

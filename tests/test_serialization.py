@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,178 @@ def test_interrupted_save_keeps_the_previous_prior(model_and_prior, tmp_path: Pa
     assert before == after
     assert [p.name for p in tmp_path.iterdir()] == ["fisher"]  # no temporary folder left behind
     assert Prior.from_pretrained(folder).num_tasks == 2
+
+
+# ------------------------------------------------- saving never deletes what is not the prior's
+def test_saving_into_a_model_folder_is_refused_and_deletes_nothing(model_and_prior, tmp_path: Path) -> None:
+    _, prior = model_and_prior
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "model.safetensors").write_bytes(b"\x00weights\xff" * 100)
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(PriorFileError, match=r"'config\.json'.*would be deleted.*'[^']*model/fisher'"):
+        prior.save_pretrained(folder)
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # byte-identical, nothing added or removed
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left beside it
+    # a single foreign file among the prior's own files is refused as well, and named
+    prior_folder = _save(prior, tmp_path)
+    (prior_folder / "notes.txt").write_text("mine")
+    with pytest.raises(PriorFileError, match=r"'notes\.txt'"):
+        prior.save_pretrained(prior_folder)
+    assert (prior_folder / "notes.txt").read_text() == "mine"
+    # the suggested subfolder works and is found from the model folder
+    prior.save_pretrained(folder / "fisher")
+    assert Prior.from_pretrained(folder).num_tasks == prior.num_tasks
+    assert (folder / "config.json").read_text() == '{"model_type": "bert"}'
+
+
+def test_saving_over_a_prior_replaces_all_its_files(model_and_prior, tmp_path: Path) -> None:
+    _, prior = model_and_prior
+    folder = _save(prior, tmp_path, max_shard_size=20_000)
+    assert len(list(folder.glob("prior-*-of-*.safetensors"))) > 1
+    _save(prior, tmp_path)  # the old shards are the prior's own files: replaced without complaint
+    assert sorted(p.name for p in folder.iterdir()) == ["prior.safetensors", "prior_config.json"]
+
+
+# ------------------------------------------------------------------ file modes and fsync
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["umask022", "umask027"])
+def test_saved_files_get_the_modes_of_ordinary_files(model_and_prior, tmp_path: Path, umask, dir_mode, file_mode) -> None:
+    _, prior = model_and_prior
+    old = os.umask(umask)
+    try:
+        folder = _save(prior, tmp_path, max_shard_size=20_000)
+        ser.write_text_atomic(tmp_path / "README.md", "# card\n")
+        ser.write_json_atomic(tmp_path / "extra.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == dir_mode
+    files = [*folder.iterdir(), tmp_path / "README.md", tmp_path / "extra.json"]
+    assert len(files) > 4
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == file_mode, p.name
+
+
+def test_every_file_is_fsynced_before_it_is_renamed_into_place(model_and_prior, tmp_path: Path, monkeypatch) -> None:
+    _, prior = model_and_prior
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kw):
+        events.append(("replace", os.path.realpath(src)))
+        return real_replace(src, dst, **kw)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name the fsynced file")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ser.write_text_atomic(tmp_path / "README.md", "# card\n")
+    _save(prior, tmp_path, max_shard_size=20_000)
+    monkeypatch.undo()
+    renamed = [(i, path) for i, (kind, path) in enumerate(events) if kind == "replace"]
+    readme_tmp = next(p for _, p in renamed if ".README.md." in p)
+    folder_tmp = next(p for _, p in renamed if ".fisher.tmp-" in Path(p).name)
+    for i, src in renamed:
+        synced = {p for kind, p in events[:i] if kind == "fsync"}
+        if src == readme_tmp or src.endswith(".tmp") and ".prior_config.json." in src:
+            assert src in synced, f"{src} renamed before it was fsynced"
+        if src == folder_tmp:  # the folder goes into place only when every file in it is on disk
+            names = ["prior_config.json", *[p.name for p in (tmp_path / "fisher").glob("prior-*.safetensors")]]
+            assert len(names) > 2
+            for name in names:
+                assert any(p == os.path.join(src, name) or (name == "prior_config.json" and ".prior_config.json." in p)
+                           for p in synced), f"{name} not fsynced before the folder was renamed into place"
+
+
+# ------------------------------------------------------------------- malformed configs
+def _drop(path):
+    def edit(cfg):
+        *head, last = path
+        node = cfg
+        for key in head:
+            node = node[key]
+        del node[last]
+    return edit
+
+
+def _set(path, value):
+    def edit(cfg):
+        *head, last = path
+        node = cfg
+        for key in head:
+            node = node[key]
+        node[last] = value
+    return edit
+
+
+def _first_kfac(cfg) -> str:
+    return next(iter(cfg["slots"][0]["kfac"]))
+
+
+def _first_tensor(cfg) -> str:
+    return next(iter(cfg["weight_map"]))
+
+
+MALFORMED = {
+    "missing anchor": (_drop(["slots", 0, "anchor"]), r"`slots\[0\]\.anchor` is missing"),
+    "missing scale": (_drop(["slots", 0, "scale"]), r"`slots\[0\]\.scale` is missing"),
+    "scale not a number": (_set(["slots", 0, "scale"], "big"), r"`slots\[0\]\.scale` should be a finite number > 0, not str"),
+    "missing diag": (_drop(["slots", 0, "diag"]), r"`slots\[0\]\.diag` is missing"),
+    "missing kfac weight": (
+        lambda cfg: cfg["slots"][0]["kfac"][_first_kfac(cfg)].pop("weight"),
+        r"`slots\[0\]\.kfac\['[^']+'\]\.weight` is missing",
+    ),
+    "kfac bias of wrong type": (
+        lambda cfg: cfg["slots"][0]["kfac"][_first_kfac(cfg)].update(bias=3),
+        r"`slots\[0\]\.kfac\['[^']+'\]\.bias` should be a string or null, not int",
+    ),
+    "missing format_version": (_drop(["format_version"]), r"`format_version` is missing"),
+    "format_version a string": (_set(["format_version"], "1"), r"`format_version` should be an integer, not str"),
+    "slots not a list": (_set(["slots"], {"0": {}}), r"`slots` should be a JSON list, not dict"),
+    "missing tasks": (_drop(["tasks"]), r"`tasks` is missing"),
+    "task without a name": (_drop(["tasks", 0, "name"]), r"`tasks\[0\]\.name` is missing"),
+    "unknown shape": (lambda cfg: cfg["prior"].update(shape="cubic"), r"`prior` is invalid .*cubic"),
+    "param shape not a list": (lambda cfg: cfg["params"].update({next(iter(cfg["params"])): "2x3"}), r"`params\['[^']+'\]` should be a list"),
+    "slot refers to an unknown task": (_set(["slots", 0, "tasks"], [7]), r"`slots\[0\]\.tasks` refers to task 7"),
+    "missing weight_map": (_drop(["weight_map"]), r"`weight_map` is missing"),
+    "weight map names a path": (
+        lambda cfg: cfg["weight_map"].update({_first_tensor(cfg): "../prior.safetensors"}),
+        r"`weight_map\['[^']+'\]` names an unexpected file '\.\./prior\.safetensors'",
+    ),
+    "weight map names a hidden file": (
+        lambda cfg: cfg["weight_map"].update({_first_tensor(cfg): ".prior.safetensors"}),
+        r"`weight_map\['[^']+'\]` names an unexpected file '\.prior\.safetensors'",
+    ),
+    "weight map names a file not listed": (
+        lambda cfg: cfg["weight_map"].update({_first_tensor(cfg): "prior-00002-of-00002.safetensors"}),
+        r"`weight_map\['[^']+'\]` names 'prior-00002-of-00002\.safetensors', which `files` does not list",
+    ),
+    "files name a subfolder": (
+        lambda cfg: cfg.update(files={"sub/prior.safetensors": v for v in cfg["files"].values()}),
+        r"`files` names an unexpected file 'sub/prior\.safetensors'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_config_is_a_prior_file_error_naming_file_field_and_fix(model_and_prior, tmp_path: Path, case: str) -> None:
+    _, prior = model_and_prior
+    folder = _save(prior, tmp_path)
+    cfg_path = folder / "prior_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edit, field = MALFORMED[case]
+    edit(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(PriorFileError) as info:
+        Prior.from_pretrained(folder)
+    message = str(info.value)
+    assert str(cfg_path) in message  # the file
+    assert re.search(field, message), message  # the field
+    assert "re-run consolidation" in message  # the fix
