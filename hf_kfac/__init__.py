@@ -6,6 +6,7 @@ from .compact import StorageConfig
 from .curvature import Curvature, FisherConfig, KFACBlock, PredictiveOutput, estimate_fisher
 from .enums import Accumulation, FisherType, KFACApprox, Likelihood, PenaltyType, Shape, StorageFormat, TaskWeighting
 from .prior import Prior, PriorConfig, TaskRecord
+from .hub import PriorDownloadError
 from .serialization import PriorFileError
 from .version import __version__
 
@@ -39,6 +40,7 @@ __all__ = [
     "PredictiveOutput",
     "Prior",
     "PriorConfig",
+    "PriorDownloadError",
     "PriorFileError",
     "Shape",
     "StorageConfig",

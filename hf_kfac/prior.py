@@ -89,7 +89,7 @@ class PriorConfig:
         storage: How K-FAC factors (and anchors) are stored: ``"full"`` (default),
             ``"compact"``, or a :class:`~hf_kfac.compact.StorageConfig` / dict with the
             compact options (``rank_fraction``, ``rank``, ``energy``, ``remainder``,
-            ``eigenvector_dtype``, ``anchor``).
+            ``eigenvector_dtype``, ``compute_dtype``, ``anchor``).
     """
 
     shape: Shape | str = Shape.KFAC

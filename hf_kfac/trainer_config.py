@@ -2,10 +2,11 @@
 
 The penalty added to the task loss L(θ) is
 
-    λ · P(θ),   P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ (F_s + δ I) (θ − θ*_s),
+    λ · P(θ),   P(θ) = ½ Σ_s c_s (θ − θ*_s)ᵀ (F_s + D_s) (θ − θ*_s),
 
 with λ = ``penalty_lambda``, F_s the consolidated Fisher (``penalty``: ``ewc`` diagonal, ``kfac``
-Kronecker-factored, ``l2`` identity), δ = ``prior_damping`` and c_s the task weights (N_t with
+Kronecker-factored, ``l2`` identity), D_s the damping δ = ``prior_damping`` adds (δI on diagonal terms;
+δI + √δ(π I⊗G + A⊗I/π) on a K-FAC block A⊗G, see :mod:`hf_kfac.prior`) and c_s the task weights (N_t with
 ``prior_task_weighting="data_size"``, 1 with ``"uniform"``, times γ^age with γ = ``prior_decay``).
 
 Because L is a mean over the current task's N_new examples while c_s = N_t counts the old task's
@@ -65,9 +66,13 @@ class ContinualConfig(TrainingArguments):
     Every option of `transformers.TrainingArguments` plus the penalty, the Fisher estimation
     used by ``consolidate()`` and the prior's accumulation. The ``prior_*`` options left at
     ``None`` keep the value stored in a loaded prior, or take the core default for a new one
-    (separate, γ = 1, data_size, δ = 0). Set explicitly, ``prior_damping`` and ``prior_decay``
-    override a loaded prior's (they act at penalty time), while ``prior_accumulation`` and
-    ``prior_task_weighting`` must match it (its stored tasks were combined with them).
+    (separate, γ = 1, data_size, δ = 0). Set explicitly, ``prior_damping`` overrides a loaded
+    prior's (it acts at penalty time) and so does ``prior_decay``, with an effect that depends
+    on the accumulation: with ``separate`` the decay is applied at penalty time, so the new γ
+    re-weights every stored task; with ``merge`` the past decay is already folded into the
+    stored merged weight, so the new γ only acts on future merges (each later task shrinks the
+    stored weight by γ). ``prior_accumulation`` and ``prior_task_weighting`` must match a loaded
+    prior (its stored tasks were combined with them).
     """
 
     # ------------------------------------------------------------------ penalty
@@ -137,7 +142,7 @@ class ContinualConfig(TrainingArguments):
     # ------------------------------------------------------------ prior options
     prior_damping: float | None = field(
         default=None,
-        metadata={"help": "Damping δ >= 0 added to the curvature at penalty time; None: the loaded prior's, else 0."},
+        metadata={"help": "Damping δ >= 0 added at penalty time: δ to a diagonal Fisher, factored (π√δ, √δ/π) to the two K-FAC factors; None: the loaded prior's, else 0."},
     )
     prior_accumulation: str | None = field(
         default=None,
@@ -149,7 +154,11 @@ class ContinualConfig(TrainingArguments):
     )
     prior_decay: float | None = field(
         default=None,
-        metadata={"help": "Decay γ in (0, 1] of older tasks' weights; None: the loaded prior's, else 1.0."},
+        metadata={
+            "help": "Decay γ in (0, 1] of older tasks' weights; None: the loaded prior's, else 1.0. Set on a loaded "
+            "prior, it re-weights every stored task with accumulation 'separate' (γ is applied at penalty time), "
+            "but only future merges with 'merge' (the past decay is already folded into the merged weight)."
+        },
     )
     prior_task_weighting: str | None = field(
         default=None,
@@ -162,8 +171,8 @@ class ContinualConfig(TrainingArguments):
     prior_storage: dict | str | None = field(
         default=None,
         metadata={
-            "help": "How a new prior stores K-FAC factors: 'full', 'compact' (eigenpairs + remainder, at most the "
-            "model's size), or a JSON object of StorageConfig fields, e.g. '{\"format\": \"compact\", "
+            "help": "How a new prior stores K-FAC factors: 'full', 'compact' (eigenpairs + remainder; with prior_accumulation='merge' "
+            "at most the model's size), or a JSON object of StorageConfig fields, e.g. '{\"format\": \"compact\", "
             "\"compute_dtype\": \"bfloat16\"}'; None: the loaded prior's, else 'full'."
         },
     )
@@ -259,6 +268,8 @@ class ContinualConfig(TrainingArguments):
             parts = PurePosixPath(sub.replace("\\", "/")).parts
             if PurePosixPath(sub).is_absolute() or PureWindowsPath(sub).is_absolute() or ".." in parts:
                 bad = "it must be a relative path inside the model folder"
+            elif not parts:  # ".", "./": the model folder itself
+                bad = "it must name a subfolder, not the model folder itself (the prior's files would mix with the model's)"
             elif any(p.startswith((".", "_")) for p in parts):
                 bad = "names starting with '.' or '_' are skipped by the Trainer's Hub uploads"
             elif parts[0].startswith("checkpoint-") or parts[0] in ("runs", "last-checkpoint"):

@@ -60,7 +60,7 @@ class RecipeArguments:
     model: str = field(default="classifier", metadata={"help": "classifier | bi-encoder"})
     encoder: str | None = field(default=None, metadata={"help": "Encoder name or folder; default all-MiniLM-L6-v2 (offline); 'tiny-random' builds a tiny BERT."})
     tasks: str = field(default="A,B,C", metadata={"help": "Comma-separated built-in tasks (diseases/drugs/phenotypes or A/B/C), in order."})
-    methods: str = field(default="finetune,ewc,kfac", metadata={"help": "Comma-separated: finetune, l2, ewc, kfac, joint."})
+    methods: str = field(default="finetune,ewc,kfac", metadata={"help": "Comma-separated: finetune, l2, ewc, kfac, kfac-compact, joint."})
     output_dir: str = field(default="outputs/el", metadata={"help": "Where results, plots and per-method runs go."})
     eval_splits: str | None = field(default=None, metadata={"help": "Splits evaluated after each task: test and/or dev (dev is added when a λ grid is searched)."})
     report_split: str = field(default="test", metadata={"help": "Split of the reported table."})
@@ -309,9 +309,13 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a temporary file beside ``path``, flushed to disk, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=1, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -468,8 +472,16 @@ class MethodRun:
                 logger.warning("[%s] %s holds a run with other options; starting over", self.tag, self.run_dir)
         done = len(state["train_time"])
         prior: Any = None
-        if done and state.get("checkpoint"):
+        missing = self._checkpoint_problem(state) if done and state.get("checkpoint") else None
+        if missing:
+            logger.warning("[%s] %s names the checkpoint %s of task %d, but %s; its trained model and prior are "
+                           "lost, so the method starts over from the first task", self.tag, self._state_path(),
+                           state["checkpoint"], done, missing)
+            state, done = self._new_state(), 0
+            model, tokenizer = initial_model(args)
+        elif done and state.get("checkpoint"):
             ckpt = Path(state["checkpoint"])
+            self._remove_stale_checkpoints(state, ckpt)
             model = load_el_model(ckpt)
             if args.freeze_word_embeddings:
                 model.freeze_word_embeddings()
@@ -553,28 +565,56 @@ class MethodRun:
             state["n_train"].append(len(train_ds))
             last = i == len(self.tasks) - 1
             # every stage is saved (model + prior) so that the run can resume; earlier stages are
-            # removed unless save_models=all, the last one at the end with save_models=none
+            # removed unless save_models=all, the last one at the end with save_models=none.
+            # Order: save the new stage, then progress.json (atomically) naming it, and only then remove
+            # the previous stage: a crash at any point leaves progress.json naming a complete checkpoint.
             if args.push_to_hub:  # saves model + prior into stage_dir (all processes), then uploads it
                 trainer.push_to_hub(commit_message=f"hf_kfac recipe: {self.method} after task {task.name}")
             else:
                 trainer.save_model(str(stage_dir))
             prev = state.get("checkpoint")
             state["checkpoint"] = str(stage_dir)
-            if args.save_models != "all" and prev and Path(prev) != stage_dir and _is_main():
-                shutil.rmtree(prev, ignore_errors=True)
-            acc = {s: [None if r is None else round(r["acc1"], 4) for r in row[s]] for s in self.splits}
-            logger.info("[%s] after %s: acc@1 %s (train %.0fs, consolidate %.0fs, eval %.0fs)", self.tag, task.name,
-                        acc, tt, ct, et)
             state["complete"] = last
             if _is_main():
                 _write_json(self._state_path(), state)
-        if args.save_models == "none" and state.get("checkpoint") and _is_main():
-            shutil.rmtree(state["checkpoint"], ignore_errors=True)
-            state["checkpoint"] = None
+                if args.save_models != "all" and prev and Path(prev) != stage_dir:
+                    shutil.rmtree(prev, ignore_errors=True)
+            acc = {s: [None if r is None else round(r["acc1"], 4) for r in row[s]] for s in self.splits}
+            logger.info("[%s] after %s: acc@1 %s (train %.0fs, consolidate %.0fs, eval %.0fs)", self.tag, task.name,
+                        acc, tt, ct, et)
+        drop = None
+        if args.save_models == "none" and state.get("checkpoint"):
+            drop, state["checkpoint"] = state["checkpoint"], None
         state["complete"] = True
         if _is_main():
-            _write_json(self._state_path(), state)
+            _write_json(self._state_path(), state)  # first forget the checkpoint, then remove it
+            if drop:
+                shutil.rmtree(drop, ignore_errors=True)
         return state
+
+    def _checkpoint_problem(self, state: dict[str, Any]) -> str | None:
+        """Why the checkpoint named by ``state`` cannot be resumed from (``None``: it can)."""
+        from hf_kfac.el.models import EL_MODEL_FILE
+        from hf_kfac.serialization import PRIOR_CONFIG_NAME
+
+        ckpt = Path(state["checkpoint"])
+        if not ckpt.is_dir():
+            return "that folder does not exist (deleted, or removed by an interrupted run of an older recipe)"
+        if not (ckpt / EL_MODEL_FILE).is_file():
+            return f"it holds no {EL_MODEL_FILE} (an incomplete save)"
+        if self.penalty != "none" and not (ckpt / "fisher" / PRIOR_CONFIG_NAME).is_file():
+            return f"it holds no prior (fisher/{PRIOR_CONFIG_NAME}; an incomplete save)"
+        return None
+
+    def _remove_stale_checkpoints(self, state: dict[str, Any], ckpt: Path) -> None:
+        """Remove earlier stages a run stopped between saving progress.json and removing them would leave."""
+        if self.args.save_models == "all" or not _is_main():
+            return
+        for j, t in enumerate(self.tasks):
+            stage = self.run_dir / f"task{j}-{t.name}"
+            if t.name in state["row_task"] and stage.resolve() != ckpt.resolve() and stage.is_dir():
+                logger.info("[%s] removing %s, left by the interrupted run", self.tag, stage)
+                shutil.rmtree(stage, ignore_errors=True)
 
     @property
     def tag(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +221,75 @@ def test_save_load_roundtrip_and_prior_compatibility(tmp_path) -> None:
     back.add_task_head("c", ["c1"])
     prior.check_compatible(back)
     assert float(prior.penalty(back, 1.0).detach()) == 0.0
+
+
+def test_a_second_save_replaces_heads_and_spec_whole_and_a_failed_one_keeps_them(tmp_path, monkeypatch) -> None:
+    """heads.safetensors and el_model.json are written to a temporary file and renamed: a hard link to the
+    first save's files still reads the first save (an in-place write would change it), and a write that
+    fails midway leaves the previous file readable and no temporary file behind."""
+    import json
+    import os
+
+    import safetensors.torch
+    from safetensors.torch import load_file
+
+    m = _classifier()
+    m.save_pretrained(tmp_path)
+    first_heads = {k: v.clone() for k, v in load_file(str(tmp_path / "heads.safetensors")).items()}
+    first_spec = json.loads((tmp_path / "el_model.json").read_text())
+    os.link(tmp_path / "heads.safetensors", tmp_path / "old-heads")
+    os.link(tmp_path / "el_model.json", tmp_path / "old-spec")
+    m.add_task_head("c", ["c1", "c2"])
+    m.save_pretrained(tmp_path)
+    assert load_file(str(tmp_path / "old-heads")).keys() == first_heads.keys()
+    assert json.loads((tmp_path / "old-spec").read_text()) == first_spec
+    second = load_file(str(tmp_path / "heads.safetensors"))
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("heads.safetensors") == mode("config.json")  # an ordinary file (0o666 & ~umask), as config.json
+    assert "heads.c.weight" in second and [h["task"] for h in json.loads((tmp_path / "el_model.json").read_text())["heads"]] == ["a", "b", "c"]
+
+    def disk_full(tensors, filename, metadata=None):  # the write starts, then the disk is full
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 16)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    m.add_task_head("d", ["d1"])
+    with pytest.raises(OSError, match="No space left"):
+        m.save_pretrained(tmp_path)
+    after = load_file(str(tmp_path / "heads.safetensors"))
+    assert after.keys() == second.keys() and all(torch.equal(after[k], second[k]) for k in second)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_loading_from_the_hub_fetches_the_root_model_files_only(hub_server, tmp_path) -> None:
+    """Whatever the prior's subfolder is called (prior_subfolder), neither it nor checkpoints are downloaded."""
+    import shutil
+
+    from huggingface_hub import HfApi, constants
+
+    m = _classifier().eval()
+    folder = tmp_path / "model"
+    m.save_pretrained(folder)
+    model_files = {p.name for p in folder.iterdir() if p.is_file()}
+    curv = estimate_fisher(m, [{**_batch(), "task_id": torch.zeros(6, dtype=torch.long)}], shape="diag", progress=False,
+                           predictive_fn=classifier_predictive_fn)
+    prior = Prior(shape="diag")
+    prior.add_task(m, curv, "a")
+    prior.save_pretrained(folder / "laplace")  # a non-default prior_subfolder
+    shutil.copytree(folder / "laplace", folder / "checkpoint-3" / "laplace")
+    shutil.copy(folder / "heads.safetensors", folder / "checkpoint-3" / "heads.safetensors")
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = api.create_repo("org/el-laplace").repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder))
+    back = load_el_model(repo).eval()
+    b = _batch()
+    for task in ("a", "b"):
+        torch.testing.assert_close(back(**b, task=task).logits, m(**b, task=task).logits)
+    snapshots = list(Path(constants.HF_HUB_CACHE).glob("models--org--el-laplace/snapshots/*"))
+    fetched = {str(p.relative_to(s)) for s in snapshots for p in s.rglob("*") if p.is_file()}
+    assert fetched == model_files
+    assert Prior.from_pretrained(repo, subfolder="laplace", model=back).num_tasks == 1  # the prior is still there
 
 
 def test_biencoder_roundtrip(tmp_path) -> None:

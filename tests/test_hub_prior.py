@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, HTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from oracles import tiny_bert_config
 from transformers import BertForSequenceClassification
 
 from hf_kfac import Prior, PriorFileError, estimate_fisher
+from hf_kfac.hub import PriorDownloadError, describe_http_error
 
 
 def _model_and_prior(tmp_path: Path) -> tuple[BertForSequenceClassification, Prior, Path]:
@@ -89,8 +91,10 @@ def test_cut_off_download_never_yields_a_half_written_prior(hub_server, tmp_path
     repo = api.create_repo("org/flaky").repo_id
     api.upload_folder(repo_id=repo, folder_path=str(folder))
     hub_server.truncate_next_downloads = 50  # every attempt is cut off midway
-    with pytest.raises(Exception):
+    with pytest.raises(PriorDownloadError, match="'org/flaky'.*retry") as failed:
         Prior.from_pretrained(repo)
+    # the client's own transport error, not an HTTP status: it is kept as the cause
+    assert isinstance(failed.value.__cause__, HTTPError) and not isinstance(failed.value.__cause__, HfHubHTTPError)
     hub_server.truncate_next_downloads = 0
     loaded = Prior.from_pretrained(repo, model=model)
     for k, v in prior.state_dict().items():
@@ -112,3 +116,114 @@ def test_prior_without_model_is_explained(hub_server, tmp_path: Path, caplog) ->
     with caplog.at_level("WARNING", logger="hf_kfac.hub"):
         Prior.from_pretrained(full)
     assert "no model weights" not in caplog.text
+
+
+def _fetched(repo_id: str) -> set[str]:
+    """Files of every cached snapshot of ``repo_id`` (what the client downloaded)."""
+    from huggingface_hub import constants
+
+    snapshots = list(Path(constants.HF_HUB_CACHE).glob(f"models--{repo_id.replace('/', '--')}/snapshots/*"))
+    return {str(p.relative_to(s)) for s in snapshots for p in s.rglob("*") if p.is_file()}
+
+
+def test_a_mistyped_local_path_says_no_such_folder_and_no_such_repo(hub_server, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # neither name below exists as a folder here
+    with pytest.raises(PriorFileError, match=r"no local folder at 'runs/exp1/model', and 'runs/exp1/model' is not a "
+                       r"valid Hub repo id") as invalid:
+        Prior.from_pretrained("runs/exp1/model")
+    assert isinstance(invalid.value.__cause__, HFValidationError)
+    with pytest.raises(PriorFileError, match=r"no local folder at 'outputs/el-disease', and Hub repo "
+                       r"'outputs/el-disease' was not found \(HTTP 404") as missing:
+        Prior.from_pretrained("outputs/el-disease")
+    assert isinstance(missing.value.__cause__, RepositoryNotFoundError)
+    with pytest.raises(PriorFileError, match=r"no local folder at 'outputs/el-disease', and .* not in the local cache") as off:
+        Prior.from_pretrained("outputs/el-disease", local_files_only=True)
+    assert isinstance(off.value.__cause__, LocalEntryNotFoundError)
+    # the same name as an existing folder is found locally, without the Hub
+    _, prior, folder = _model_and_prior(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    folder.rename(tmp_path / "outputs" / "el-disease")
+    assert Prior.from_pretrained("outputs/el-disease", local_files_only=True).state_dict().keys() == prior.state_dict().keys()
+
+
+def test_a_prior_at_the_repo_root_loads_as_from_the_same_local_folder(hub_server, tmp_path: Path, caplog) -> None:
+    """The Hub lookup follows the local one (root first, then the subfolder) and fetches only the prior's files."""
+    import shutil
+
+    model, prior, folder = _model_and_prior(tmp_path)
+    # a prior at the root, beside the model weights (and the one in fisher/); save_pretrained refuses to
+    # write into a folder holding other files, so its files are copied there
+    prior.save_pretrained(tmp_path / "root-prior")
+    for name in ("prior_config.json", "prior.safetensors"):
+        shutil.copy(tmp_path / "root-prior" / name, folder / name)
+    other = Prior(shape="kfac")
+    other.add_task(model, prior.slots[0].curvature, "a")
+    other.add_task(model, prior.slots[0].curvature, "b")
+    other.save_pretrained(folder / "fisher")  # a different prior in the default subfolder
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = api.create_repo("org/root-prior").repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder))
+    for sub in (None, "", ".", "./"):
+        local, hub = Prior.from_pretrained(folder, subfolder=sub), Prior.from_pretrained(repo, subfolder=sub)
+        assert hub.num_tasks == local.num_tasks == 1, sub  # the root's prior, not fisher/'s
+        for k, v in prior.state_dict().items():
+            assert torch.equal(hub.state_dict()[k], v)
+    # neither the model weights nor its config were downloaded, even with subfolder "" (the whole root)
+    assert _fetched(repo) == {"prior_config.json", "prior.safetensors", "fisher/prior_config.json", "fisher/prior.safetensors"}
+    # a prior alone at the root is no model: its prior.safetensors is not taken for model weights
+    alone = api.create_repo("org/root-prior-only").repo_id
+    api.upload_folder(repo_id=alone, folder_path=str(tmp_path / "root-prior"))
+    with caplog.at_level("WARNING", logger="hf_kfac.hub"):
+        assert Prior.from_pretrained(alone, subfolder="").num_tasks == 1
+    assert "holds an hf_kfac prior but no model weights" in caplog.text
+
+
+def test_an_http_error_names_its_status_and_server_message_but_never_the_token(hub_server, tmp_path: Path) -> None:
+    _, prior, folder = _model_and_prior(tmp_path)
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = api.create_repo("org/http-500").repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder))
+    secret = "hf_SecretTokenNeverShown0123"
+    hub_server.fail_next_downloads = 1
+    with pytest.raises(PriorDownloadError, match=r"'org/http-500'.*HTTP 500: Injected download failure") as failed:
+        Prior.from_pretrained(repo, token=secret)
+    assert isinstance(failed.value.__cause__, HfHubHTTPError) and failed.value.__cause__.response.status_code == 500
+    assert secret not in str(failed.value)
+    assert Prior.from_pretrained(repo, token=secret).num_tasks == 1  # a retry succeeds
+
+
+@pytest.mark.parametrize(
+    "status,headers,cls,hint",
+    [
+        (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model org/x is restricted."}, "GatedRepoError", "gated"),
+        (401, {"X-Error-Message": "Invalid credentials in Authorization header"}, "HfHubHTTPError", "no valid token"),
+        (403, {"X-Error-Message": "Forbidden for hf_SecretTokenNeverShown0123"}, "HfHubHTTPError", "lacks read access"),
+    ],
+)
+def test_access_errors_are_described_by_status_server_message_and_fix(status, headers, cls, hint) -> None:
+    """The client's own error for a real response (hf_raise_for_status), as snapshot_download would raise it."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/org/x/revision/main")
+    response = httpx2.Response(status, headers=headers, request=request)
+    with pytest.raises(HfHubHTTPError) as raised:
+        hf_raise_for_status(response)
+    assert type(raised.value).__name__ == cls
+    text = describe_http_error(raised.value, token="hf_SecretTokenNeverShown0123")
+    assert text.startswith(f"HTTP {status}: ") and hint in text
+    assert headers["X-Error-Message"].split(" for ")[0] in text and "hf_SecretTokenNeverShown0123" not in text
+
+
+def test_a_sharded_prior_is_fetched_whole_and_nothing_else(hub_server, tmp_path: Path) -> None:
+    model, prior, folder = _model_and_prior(tmp_path)
+    prior.save_pretrained(folder / "fisher", max_shard_size=2_000)
+    shards = sorted(p.name for p in (folder / "fisher").iterdir() if p.suffix == ".safetensors")
+    assert len(shards) > 1 and "prior.safetensors" not in shards
+    api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
+    repo = api.create_repo("org/sharded").repo_id
+    api.upload_folder(repo_id=repo, folder_path=str(folder))
+    loaded = Prior.from_pretrained(repo, model=model)
+    for k, v in prior.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    assert _fetched(repo) == {f"fisher/{n}" for n in ["prior_config.json", *shards]}

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -88,8 +89,9 @@ def test_failed_push_keeps_local_files_and_a_retry_succeeds(hub: Any, tmp_path: 
     trainer.consolidate(task_name="A")  # writes out/fisher; nothing pushed yet
     before = _digest(tmp_path / "out" / "fisher")
     hub.fail_next_commits = 1
-    with pytest.raises(Exception):
+    with pytest.raises(HfHubHTTPError, match="Injected commit failure") as failed:
         trainer.push_to_hub()
+    assert failed.value.response.status_code == 500
     assert _digest(tmp_path / "out" / "fisher") == before
     assert "fisher/prior_config.json" not in hub.list_files(repo)
     Prior.from_pretrained(tmp_path / "out")  # still valid locally
@@ -104,8 +106,9 @@ def test_the_token_never_appears_in_logs_cards_or_errors(hub: Any, tmp_path: Pat
         trainer.train()
         trainer.consolidate(task_name="A")
         hub.fail_next_commits = 1
-        with pytest.raises(Exception) as failed:
+        with pytest.raises(HfHubHTTPError) as failed:
             trainer.push_to_hub()
+        assert failed.value.response.status_code == 500
         trainer.push_to_hub()
         with pytest.raises(PriorFileError) as missing:
             Prior.from_pretrained("test-user/does-not-exist", token=SECRET)

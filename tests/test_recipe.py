@@ -74,7 +74,14 @@ def test_tiny_recipe_end_to_end(tmp_path: Path) -> None:
     assert data["methods"]["finetune"]["reduction"] == 0.0
     assert data["methods"]["kfac"]["lambda"] == 100
     assert data["methods"]["finetune"]["R"][0] == data["methods"]["kfac"]["R"][0]  # shared first task
-    assert data["methods"]["kfac"]["total_consolidation_time_s"] > 0
+    # consolidation time: recorded per task for the penalised methods only, and summed in the summary
+    progress = {m: json.loads((out / "runs" / m / "progress.json").read_text()) for m in ("finetune", "kfac")}
+    assert progress["finetune"]["consolidation_time"] == [0.0, 0.0, 0.0]  # nothing consolidated: no time
+    assert data["methods"]["finetune"]["total_consolidation_time_s"] == 0.0
+    kfac_times = progress["kfac"]["consolidation_time"]
+    assert len(kfac_times) == 3 and all(isinstance(x, float) and x >= 0.0 for x in kfac_times)
+    total = data["methods"]["kfac"]["total_consolidation_time_s"]
+    assert isinstance(total, float) and total >= 0.0 and total == round(sum(kfac_times), 1)
     # the last model + prior of each penalised method is kept, and loads back
     ckpt = Path(json.loads((out / "runs" / "kfac" / "progress.json").read_text())["checkpoint"])
     assert (ckpt / "fisher" / "prior_config.json").is_file() and (ckpt / "el_model.json").is_file()
@@ -214,3 +221,91 @@ def test_budget_search_split_over_two_workers_equals_one_process(tmp_path: Path)
     assert again == one
     with pytest.raises(ValueError, match="other options"):
         recipe.main(["--config", TINY, "--output_dir", str(tmp_path / "one"), "--quiet", *grid, "--seed", "7"])
+
+
+# ------------------------------------------------------------------ interrupted and restarted runs
+# --save_models last: the recipe's default (tiny.yaml sets none), which removes each earlier checkpoint
+RESUME_ARGV = ["--config", TINY, "--quiet", "--methods", "kfac", "--tasks", "A,B,C", "--num_threads", "1",
+               "--save_models", "last"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The kfac run over A, B, C with --save_models last, never stopped: the reference."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return recipe.main([*RESUME_ARGV, "--output_dir", str(out)])["methods"]["kfac"]
+
+
+# Run in a child process; SIGKILL it right after the recipe removed the first task's checkpoint (which it
+# does once the second task is saved): the crash window between progress.json and that removal.
+_KILLED_CHILD = """
+import os, shutil, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import train as recipe
+
+real_rmtree = shutil.rmtree
+def rmtree_then_die(path, *a, **k):
+    real_rmtree(path, *a, **k)
+    if Path(path).name.startswith("task0-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+shutil.rmtree = rmtree_then_die
+recipe.main(sys.argv[2:])
+"""
+
+
+def test_a_run_killed_after_dropping_its_previous_checkpoint_resumes_with_the_same_results(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "r"
+    argv = [*RESUME_ARGV, "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(ROOT / "recipes"), *argv], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stdout
+    run = out / "runs" / "kfac"
+    killed = json.loads((run / "progress.json").read_text())
+    # what the kill left: progress.json already names the second task's checkpoint, which is complete
+    assert killed["row_task"] == ["diseases", "drugs"] and not killed["complete"]
+    assert Path(killed["checkpoint"]) == run / "task1-drugs"
+    assert (run / "task1-drugs" / "el_model.json").is_file() and (run / "task1-drugs" / "fisher" / "prior_config.json").is_file()
+    assert not (run / "task0-diseases").exists()
+    again = recipe.main(argv)["methods"]["kfac"]
+    assert again["row_task"] == ["diseases", "drugs", "phenotypes"]
+    assert again["R"] == uninterrupted["R"]
+    done = json.loads((run / "progress.json").read_text())
+    assert done["train_time"][:2] == killed["train_time"]  # resumed: the first two tasks were not trained again
+    assert done["complete"] and sorted(p.name for p in run.iterdir() if p.is_dir()) == ["task2-phenotypes"]
+
+
+def test_other_options_or_a_lost_checkpoint_start_the_method_over(
+    tmp_path: Path, uninterrupted: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "o"
+    argv = [*RESUME_ARGV, "--output_dir", str(out)]
+    prog = out / "runs" / "kfac" / "progress.json"
+    recipe.main([*argv, "--epochs", "1"])  # a finished run with other options in the same folder
+    other_fp = json.loads(prog.read_text())["fingerprint"]
+    with caplog.at_level("WARNING", logger="hf_kfac.recipe"):
+        res = recipe.main(argv)["methods"]["kfac"]
+    assert "holds a run with other options; starting over" in caplog.text
+    assert res["R"] == uninterrupted["R"]  # trained afresh with these options, not the finished run's table
+    st = json.loads(prog.read_text())
+    assert st["fingerprint"] != other_fp and st["complete"]
+
+    # progress.json naming a checkpoint that is gone (deleted by hand, or by an older recipe that removed it
+    # before saving progress.json): the method starts over instead of failing to load it
+    for key in ("rows", "row_task", "train_time", "consolidation_time", "eval_time", "lambda_abs", "n_train"):
+        st[key] = st[key][:2]
+    st["checkpoint"], st["complete"] = str(out / "runs" / "kfac" / "task1-drugs"), False
+    prog.write_text(json.dumps(st))
+    assert not (out / "runs" / "kfac" / "task1-drugs").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_kfac.recipe"):
+        res = recipe.main(argv)["methods"]["kfac"]
+    assert "task1-drugs of task 2, but that folder does not exist" in caplog.text and "starts over" in caplog.text
+    assert res["row_task"] == ["diseases", "drugs", "phenotypes"] and res["R"] == uninterrupted["R"]

@@ -121,6 +121,8 @@ def test_help_lists_every_continual_option(capsys: pytest.CaptureFixture[str]) -
         (dict(prior_subfolder="/abs"), "prior_subfolder='/abs'", "relative"),
         (dict(prior_subfolder="_fisher"), "prior_subfolder='_fisher'", "Hub uploads"),
         (dict(prior_subfolder="checkpoint-3"), "prior_subfolder='checkpoint-3'", "collide"),
+        (dict(prior_subfolder="."), "prior_subfolder='.'", "not the model folder itself"),
+        (dict(prior_subfolder="./"), "prior_subfolder='./'", "not the model folder itself"),
     ],
 )
 def test_bad_values_fail_naming_field_value_and_fix(kw: dict, field: str, hint: str) -> None:
@@ -128,3 +130,33 @@ def test_bad_values_fail_naming_field_value_and_fix(kw: dict, field: str, hint: 
         _cfg(**kw)
     msg = str(e.value)
     assert field in msg and hint in msg, msg
+
+
+@pytest.mark.parametrize("accumulation", ["separate", "merge"])
+def test_prior_decay_set_on_a_loaded_prior_acts_as_its_help_says(accumulation: str, tmp_path) -> None:
+    """separate: γ is applied at penalty time, so the new γ re-weights the stored tasks at once; merge: the
+    past decay is folded into the stored weight, so only the next merge uses the new γ. Weights by hand."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+    from trainer_fixtures import make_model
+
+    from hf_kfac import ContinualTrainer, Prior
+
+    help_text = ContinualConfig.__dataclass_fields__["prior_decay"].metadata["help"]
+    assert "only future merges" in help_text and "re-weights every stored task" in help_text
+    model = make_model("seq")
+    prior = Prior(shape="identity", accumulation=accumulation)  # decay 1 while the tasks were stored
+    prior.add_task(model, None, "a", n_examples=4)
+    prior.add_task(model, None, "b", n_examples=6)
+    cfg = _cfg(penalty="l2", prior_decay=0.5)
+    cfg.output_dir = str(tmp_path)
+    trainer = ContinualTrainer(model=model, args=cfg, prior=prior)
+    assert trainer.prior.config.decay == 0.5
+    if accumulation == "separate":
+        assert trainer.prior.slot_weights() == [4 * 0.5, 6.0]  # task a is one task old: γ¹ N_a
+    else:
+        assert trainer.prior.slot_weights() == [4.0 + 6.0]  # merged with γ = 1 before: unchanged
+        trainer.prior.add_task(model, None, "c", n_examples=2)
+        assert trainer.prior.slot_weights() == [0.5 * 10.0 + 2.0]  # the next merge uses the new γ

@@ -59,6 +59,8 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedConfig,
 from transformers.utils import ModelOutput
 
 from ..curvature.predictive import PredictiveOutput
+from ..hub import prior_file_patterns
+from ..serialization import write_json_atomic
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -176,8 +178,48 @@ def _el_files_folder(path_or_repo: str | os.PathLike, revision: str | None, toke
     root = snapshot_download(str(path_or_repo), revision=revision, token=token, cache_dir=cache_dir,
                              local_files_only=local_files_only,
                              allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
-                             ignore_patterns=["fisher/*", "checkpoint-*"])
+                             ignore_patterns=_NOT_MODEL_FILES)
     return Path(root)
+
+
+# A saved model lives in the folder root (save_pretrained): every subfolder (the prior's, whatever
+# ``prior_subfolder`` names it, checkpoint-*, runs/) and a prior saved at the root are left on the Hub.
+# ("*" of huggingface_hub's fnmatch patterns also matches "/", so "*/*" is every path in a subfolder.)
+_NOT_MODEL_FILES = ["*/*", *prior_file_patterns("")]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file`` through a temporary file beside ``path``, fsync and a rename."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0o600 -> an ordinary file's mode (0o666 & ~umask), like config.json
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 class _ELModel(PreTrainedModel):
@@ -273,13 +315,12 @@ class _ELModel(PreTrainedModel):
                                      **encoder_kwargs)
         if not is_main_process:
             return
-        from safetensors.torch import save_file
-
+        # each file is replaced whole (temporary file + rename): an interrupted save never leaves a half-written one
         if head_sd:
-            save_file(head_sd, str(folder / HEADS_FILE), metadata={"format": "pt"})
+            _save_safetensors_atomic(head_sd, folder / HEADS_FILE)
         elif (folder / HEADS_FILE).exists():
             (folder / HEADS_FILE).unlink()
-        (folder / EL_MODEL_FILE).write_text(json.dumps(self._el_dict(), indent=2) + "\n")
+        write_json_atomic(folder / EL_MODEL_FILE, self._el_dict())
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if tok is not None:
             tok.save_pretrained(folder)
