@@ -10,12 +10,15 @@ with U the top-k eigenvectors of F (``d × k``, bfloat16 by default), w their co
 and r a non-negative remainder (both float32):
 
 - ``remainder="diagonal"`` (default): w = the top-k eigenvalues λ, and r = diag(F − U Λ Uᵀ),
-  computed with the *stored* (rounded) U, so diag(F̃) = diag(F) and tr F̃ = tr F exactly.
+  computed with the *stored* (rounded) U, so diag(F̃) = diag(F) and tr F̃ = tr F up to float32
+  round-off. The one exception: where the rounded U Λ Uᵀ alone exceeds diag(F) (F of rank
+  <= k, bf16 U), r is clamped to 0 to keep F̃ PSD, and diag(F̃) exceeds diag(F) there by at
+  most U's rounding (a factor (1 + 2⁻⁸)² in bfloat16).
   It keeps the per-coordinate scale of what the eigenpairs leave out (transformer
   activations have a few outlier dimensions), which a single number cannot.
 - ``remainder="isotropic"``: r = σ·1 with σ the mean of the discarded eigenvalues and
   w = λ − σ, i.e. F̃ = U(Λ − σ)Uᵀ + σI: the discarded spectrum is flattened to its mean,
-  which also keeps the trace.
+  which also keeps the trace (up to the rounding of U: at most ~2⁻⁷ relative in bfloat16).
 
 Both are positive semi-definite by construction (w ≥ 0, r ≥ 0), equal F when k = d
 (up to the rounding of U), and apply to a d_out × d_in matrix in O(d_out·d_in·k) instead of

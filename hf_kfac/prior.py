@@ -262,19 +262,17 @@ class Prior:
             names = curvature.param_names()
             n = int(n_examples if n_examples is not None else curvature.n_examples)
             curvature = curvature.to(device="cpu", dtype=torch.float32)
-            self._check_curvature(curvature)
-        missing = [x for x in names if x not in params]
-        if missing:
-            raise ValueError(f"the curvature covers {missing[0]!r}, which is not a parameter of the model.")
-        anchor = {x: params[x].detach().to(device="cpu", dtype=torch.float32).clone() for x in names}
-        for x in names:
-            self.param_shapes[x] = list(params[x].shape)
-        record = TaskRecord(name=name, n_examples=n, fisher=self.fisher.to_dict(), metadata=dict(metadata or {}))
+            self._check_curvature(curvature, params)
+        # every check before anything changes: a refused task leaves the prior as it was
         s_t = float(n) if self.config.task_weighting == TaskWeighting.DATA_SIZE else 1.0
         if s_t <= 0:
             raise ValueError(
                 f"task {name!r} has no data (n_examples={n}); with task_weighting='data_size' it would get weight 0."
             )
+        anchor = {x: params[x].detach().to(device="cpu", dtype=torch.float32).clone() for x in names}
+        for x in names:
+            self.param_shapes[x] = list(params[x].shape)
+        record = TaskRecord(name=name, n_examples=n, fisher=self.fisher.to_dict(), metadata=dict(metadata or {}))
         t = len(self.tasks)
         self.tasks.append(record)
         if self.config.accumulation == Accumulation.SEPARATE or not self.slots:
@@ -297,14 +295,59 @@ class Prior:
         return record
 
     @staticmethod
-    def _check_curvature(c: Curvature) -> None:
-        for name, b in c.kfac.items():
-            for f, t in (("A", b.A), ("G", b.G)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"the K-FAC factor {f} of {name!r} holds NaN or inf; the Fisher estimate diverged.")
-        for name, d in c.diag.items():
-            if not torch.isfinite(d).all():
-                raise ValueError(f"the diagonal Fisher of {name!r} holds NaN or inf; the Fisher estimate diverged.")
+    def _check_curvature(c: Curvature, params: dict[str, nn.Parameter]) -> None:
+        """Refuse a curvature that names a parameter ``params`` lacks, does not fit a parameter's shape,
+        or holds NaN/inf; each error names the parameter and the fix."""
+        refit = "Estimate the Fisher on this model (estimate_fisher(model, ...)) and pass that curvature."
+        for pname in c.param_names():
+            if pname not in params:
+                raise ValueError(
+                    f"the curvature covers parameter {pname!r}, which is not a parameter of the model: it was "
+                    f"estimated on another model (or the parameter was renamed). {refit}"
+                )
+
+        def finite(t: Tensor | CompactFactor) -> bool:
+            parts = t.tensors().values() if isinstance(t, CompactFactor) else (t,)
+            return all(bool(torch.isfinite(x).all()) for x in parts)
+
+        diverged = (
+            "the Fisher estimate diverged (an overflow under fp16 autocast, or non-finite weights or outputs). "
+            "Re-estimate it at finite weights in float32 or bf16, or leave the parameter out (exclude=[...], "
+            "the trainer's fisher_exclude)."
+        )
+        for mname, b in c.kfac.items():
+            w = params[b.weight]
+            if w.dim() != 2:
+                raise ValueError(
+                    f"the curvature has a K-FAC block {mname!r} for parameter {b.weight!r}, whose shape "
+                    f"{list(w.shape)} is not a 2-D weight. {refit}"
+                )
+            d_out, d_in = w.shape
+            if b.bias is not None and list(params[b.bias].shape) != [d_out]:
+                raise ValueError(
+                    f"the K-FAC block {mname!r} pairs weight {b.weight!r} ({list(w.shape)}) with bias {b.bias!r} of "
+                    f"shape {list(params[b.bias].shape)}, not [{d_out}]. {refit}"
+                )
+            d_a = d_in + (1 if b.bias is not None else 0)
+            for f, t, d in (("A", b.A, d_a), ("G", b.G, d_out)):
+                if list(t.shape) != [d, d]:
+                    why = f"{d_in} inputs + 1 for the bias" if f == "A" and b.bias is not None else (
+                        f"{d_in} inputs" if f == "A" else f"{d_out} outputs")
+                    raise ValueError(
+                        f"the K-FAC factor {f} of parameter {b.weight!r} (module {mname!r}) has shape {list(t.shape)}, "
+                        f"but the model's parameter of shape {list(w.shape)} needs [{d}, {d}] ({why}): the curvature "
+                        f"was estimated on another model. {refit}"
+                    )
+                if not finite(t):
+                    raise ValueError(f"the K-FAC factor {f} of parameter {b.weight!r} (module {mname!r}) holds NaN or inf: {diverged}")
+        for pname, d in c.diag.items():
+            if list(d.shape) != list(params[pname].shape):
+                raise ValueError(
+                    f"the diagonal Fisher of parameter {pname!r} has shape {list(d.shape)}, but the parameter has shape "
+                    f"{list(params[pname].shape)}: the curvature was estimated on another model. {refit}"
+                )
+            if not finite(d):
+                raise ValueError(f"the diagonal Fisher of parameter {pname!r} holds NaN or inf: {diverged}")
 
     def slot_weights(self) -> list[float]:
         """c_s of every slot: γ^{age} s_t (separate) or C (merge)."""

@@ -536,8 +536,9 @@ class ContinualTrainer(Trainer):
         """This process's shard of the data used for the Fisher.
 
         The first ``min(fisher_max_examples, fisher_max_batches · fisher_batch_size)`` examples are
-        chosen over all processes together (a random subset seeded by ``args.seed`` for a
-        map-style dataset, the first ones for an iterable one); process r of W takes examples
+        chosen over all processes together (for a map-style dataset of n examples, the indices
+        ``sorted(torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:limit])``;
+        for an iterable one, the first ``limit``); process r of W takes examples
         r, r + W, ... of them, in order, batched by ``fisher_batch_size`` with the Trainer's data
         collator. Shards are disjoint and may differ by one example: the estimator all-reduces
         sums and counts, so the Fisher does not depend on W.

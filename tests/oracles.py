@@ -132,3 +132,57 @@ def gaussian_dense_block(model: nn.Module, batches: list[dict], weight: str, bia
                     outer = torch.outer(v, v)
                     total = outer if total is None else total + outer
     return total / n_total
+
+
+def _dense_factor(f) -> Tensor:
+    """A stored factor as a dense float32 matrix: a full tensor as it is, a compact one as
+    U diag(w) Uᵀ + diag(r) from its stored tensors (U upcast from its storage dtype)."""
+    if isinstance(f, Tensor):
+        return f.float()
+    u = f.eigvecs.float()
+    return (u * f.eigvals.float()) @ u.T + torch.diag(f.residual.float())
+
+
+def _factored_damping(A: Tensor, G: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """(A + π√δ I, G + √δ/π I), π² = (tr A / d_A) / (tr G / d_G) (1 if a trace is 0)."""
+    ta, tg = float(torch.trace(A)) / A.shape[0], float(torch.trace(G)) / G.shape[0]
+    pi = (ta / tg) ** 0.5 if ta > 0 and tg > 0 else 1.0
+    r = delta**0.5
+    return A + pi * r * torch.eye(A.shape[0]), G + (r / pi) * torch.eye(G.shape[0])
+
+
+def _slot_weights_by_hand(prior) -> list[float]:
+    """c_s from the task records: s_t = N_t (data_size) or 1; separate: s_t γ^age; merge: C ← γ C + s_t."""
+    gamma = float(prior.config.decay)
+    s = [float(t.n_examples) if str(prior.config.task_weighting) == "data_size" else 1.0 for t in prior.tasks]
+    if str(prior.config.accumulation) == "merge":
+        c = 0.0
+        for st in s:
+            c = gamma * c + st
+        return [c]
+    n = len(prior.slots)
+    return [sum(s[t] for t in slot.tasks) * gamma ** (n - 1 - i) for i, slot in enumerate(prior.slots)]
+
+
+def dense_compact_penalty(params: dict[str, Tensor], prior, lam: float) -> Tensor:
+    """½ λ Σ_s c_s [vec(ΔW̃)ᵀ (Ã_δ ⊗ G̃_δ) vec(ΔW̃) + Σ (d + δ) Δ²] with dense matrices and torch.kron.
+
+    For a K-FAC prior stored full or compact: every factor is rebuilt densely from the stored
+    tensors (:func:`_dense_factor`), damped factor by factor, and the Kronecker product is formed
+    explicitly; ΔW̃ = [ΔW, Δb] is vectorised column by column. The slot weights c_s are recomputed
+    from the task records. Differentiable in ``params`` (CPU tensors) by autograd.
+    """
+    total = torch.zeros(())
+    delta = float(prior.config.damping)
+    for slot, c in zip(prior.slots, _slot_weights_by_hand(prior)):
+        for block in slot.curvature.kfac.values():
+            A, G = _dense_factor(block.A), _dense_factor(block.G)
+            if delta > 0:
+                A, G = _factored_damping(A, G, delta)
+            dw = params[block.weight] - slot.anchor[block.weight]
+            db = params[block.bias] - slot.anchor[block.bias] if block.bias else None
+            v = column_major(dw, db)
+            total = total + c * (v @ torch.kron(A, G) @ v)
+        for name, d in slot.curvature.diag.items():
+            total = total + c * ((d + delta) * (params[name] - slot.anchor[name]) ** 2).sum()
+    return 0.5 * lam * total

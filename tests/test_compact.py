@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import column_major, tiny_bert_config
+from oracles import dense_compact_penalty, tiny_bert_config
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import BertForSequenceClassification
@@ -91,17 +91,62 @@ def test_rank_criteria_take_the_smallest() -> None:
     assert StorageConfig(format="compact", rank_fraction=0.2, energy=0.99).rank_for(ev) == 2
 
 
+@pytest.mark.parametrize("eigvec_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("remainder", ["diagonal", "isotropic"])
-def test_factor_compression_is_psd_keeps_the_trace_and_is_exact_at_full_rank(remainder: str) -> None:
+def test_factor_compression_is_psd_keeps_the_diagonal_or_trace_and_is_exact_at_full_rank(
+    remainder: str, eigvec_dtype: str
+) -> None:
+    """F̃ = U diag(w) Uᵀ + diag(r) of a full-rank 9 × 9 factor at rank 3 (see :mod:`hf_kfac.compact`):
+
+    - diagonal remainder: diag(F̃) = diag(F) to float32 round-off, with bf16 or float32 U (r is
+      computed with the stored U), hence tr F̃ = tr F too;
+    - isotropic remainder: r = σ·1 with σ the mean of the 6 discarded eigenvalues (from an
+      independent float64 eigvalsh), and tr F̃ = tr F to round-off with float32 U, to U's bf16
+      rounding (relative 2⁻⁸ per entry) with bf16 U;
+    - both PSD, and equal to F at full rank with float32 U.
+    """
     g = torch.Generator().manual_seed(0)
     x = torch.randn(9, 30, generator=g) * torch.linspace(0.1, 3, 9).unsqueeze(1)
     F = x @ x.T / 30
-    low = compress_factor(F, StorageConfig(format="compact", rank_fraction=0.3, remainder=remainder))
-    assert low.rank == 3 and low.eigvecs.dtype == torch.bfloat16
-    assert torch.linalg.eigvalsh(low.dense().double()).min() > -1e-6
-    assert low.trace() == pytest.approx(float(F.trace()), rel=1e-2)
-    full = compress_factor(F, StorageConfig(format="compact", rank_fraction=1.0, remainder=remainder, eigenvector_dtype="float32"))
-    torch.testing.assert_close(full.dense(), F, rtol=1e-5, atol=1e-6)
+    low = compress_factor(F, StorageConfig(format="compact", rank_fraction=0.3, remainder=remainder,
+                                           eigenvector_dtype=eigvec_dtype))
+    assert low.rank == 3 and low.eigvecs.dtype == getattr(torch, eigvec_dtype)
+    dense = low.dense(torch.float64)
+    assert torch.linalg.eigvalsh(dense).min() > -1e-6
+    diag_f = torch.diagonal(F).double()
+    if remainder == "diagonal":
+        torch.testing.assert_close(torch.diagonal(dense), diag_f, rtol=1e-6, atol=1e-7)
+        assert float(torch.trace(dense)) == pytest.approx(float(diag_f.sum()), rel=1e-6)
+    else:
+        discarded = torch.linalg.eigvalsh(F.double())[:6]  # ascending: the 6 smallest
+        torch.testing.assert_close(low.residual.double(), discarded.mean().expand(9), rtol=1e-5, atol=0.0)
+        rel = 1e-6 if eigvec_dtype == "float32" else 2.0**-7
+        assert float(torch.trace(dense)) == pytest.approx(float(diag_f.sum()), rel=rel)
+    if eigvec_dtype == "float32":
+        full = compress_factor(F, StorageConfig(format="compact", rank_fraction=1.0, remainder=remainder,
+                                                eigenvector_dtype="float32"))
+        torch.testing.assert_close(full.dense(), F, rtol=1e-5, atol=1e-6)
+
+
+def test_diagonal_remainder_is_clamped_to_stay_psd_where_rounded_eigenvectors_overshoot() -> None:
+    """F of rank 3 kept at rank 3 with bf16 U: the rounded U Λ Uᵀ may exceed diag(F) at a coordinate, where
+    r = max(diag(F − U Λ Uᵀ), 0) = 0 keeps F̃ PSD. There diag(F̃) exceeds diag(F) by at most U's rounding,
+    a factor (1 + 2⁻⁸)² per squared entry; elsewhere it equals diag(F)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(9, 3, generator=g)
+    F = y @ y.T
+    low = compress_factor(F, StorageConfig(format="compact", rank=3, rank_fraction=None, remainder="diagonal"))
+    assert low.rank == 3 and (low.residual >= 0).all()
+    u = low.eigvecs.double()
+    top = (u.square() * low.eigvals.double()).sum(1)
+    diag_f = torch.diagonal(F).double()
+    overshoot = top > diag_f
+    assert overshoot.any()  # the case this test is about occurs
+    assert (low.residual[overshoot] == 0).all()
+    got = torch.diagonal(low.dense(torch.float64))
+    assert torch.linalg.eigvalsh(low.dense(torch.float64)).min() > -1e-6
+    assert (got >= diag_f * (1 - 1e-6)).all() and (got <= diag_f * (1 + 2.0**-8) ** 2 + 1e-6).all()
+    torch.testing.assert_close(got[~overshoot], diag_f[~overshoot], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("accumulation", ["separate", "merge"])
@@ -129,27 +174,6 @@ def test_bf16_full_rank_is_within_rounding(tiny_setup) -> None:
     assert float(comp.penalty(m, 1.0).detach()) == pytest.approx(float(full.penalty(m, 1.0).detach()), rel=1e-2)
 
 
-def _dense_compact_penalty(model: nn.Module, prior: Prior, lam: float) -> torch.Tensor:
-    """½ λ Σ_s c_s vec(ΔW̃)ᵀ (Ã ⊗ G̃) vec(ΔW̃) + diagonal terms, by autograd on dense matrices."""
-    from hf_kfac.prior import damp_factors
-
-    params = dict(model.named_parameters())
-    total = torch.zeros(())
-    delta = prior.config.damping
-    for slot, c in zip(prior.slots, prior.slot_weights()):
-        for block in slot.curvature.kfac.values():
-            A, G = block.A.dense(), block.G.dense()
-            if delta > 0:
-                A, G = damp_factors(A, G, delta)
-            dw = params[block.weight] - slot.anchor[block.weight]
-            db = params[block.bias] - slot.anchor[block.bias] if block.bias else None
-            v = column_major(dw, db)
-            total = total + c * (v @ torch.kron(A, G) @ v)
-        for name, d in slot.curvature.diag.items():
-            total = total + c * ((d + delta) * (params[name] - slot.anchor[name]) ** 2).sum()
-    return 0.5 * lam * total
-
-
 @pytest.mark.parametrize("remainder", ["diagonal", "isotropic"])
 @pytest.mark.parametrize("rank_fraction", [0.25, 0.75])
 def test_closed_form_gradient_matches_autograd_on_the_dense_compact_form(tiny_setup, remainder: str, rank_fraction: float) -> None:
@@ -161,7 +185,7 @@ def test_closed_form_gradient_matches_autograd_on_the_dense_compact_form(tiny_se
     m = copy.deepcopy(model)
     _perturb(m, 0.05, 5)
     ours = prior.penalty(m, 1.3)
-    ref = _dense_compact_penalty(m, prior, 1.3)
+    ref = dense_compact_penalty(dict(m.named_parameters()), prior, 1.3)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-8)
     g_ours = torch.autograd.grad(ours, list(m.parameters()), allow_unused=True)
     g_ref = torch.autograd.grad(ref, list(m.parameters()), allow_unused=True)
@@ -278,45 +302,77 @@ def test_anchor_is_stored_by_reference_only_when_it_equals_the_model(tiny_setup,
     assert "anchor_ref" not in cfg["slots"][0]
 
 
-def test_compact_prior_is_smaller_and_merge_stays_constant(tiny_setup) -> None:
-    model, curvs = tiny_setup
+def test_compact_prior_is_smaller_and_merge_stays_constant() -> None:
+    """Curvature bytes after 1, 2 and 3 tasks (each with its own Fisher): constant with ``merge`` (full and
+    compact, anchors included), t times the one-task size with ``separate``; compact is under 35% of full,
+    with rank ceil(d / 4) per factor."""
     cfg = dict(vocab_size=50, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=256,
                max_position_embeddings=16)
     big = _tiny(2, **cfg)
-    c = estimate_fisher(big, _batches(50, 8, 6, 1, 3), shape="kfac", fisher_type="mc", progress=False)
-    full, comp = _prior_pair(big, [c, c, c], "compact", accumulation="merge")
-    assert comp.nbytes(anchors=False) < 0.35 * full.nbytes(anchors=False)
-    block = next(iter(comp.slots[0].curvature.kfac.values()))
-    assert isinstance(block, CompactKFACBlock) and isinstance(block.A, CompactFactor)
-    assert block.A.rank == -(-block.A.dim // 4)
+    curvs = [estimate_fisher(big, _batches(50, 8, 6, 1, s), shape="kfac", fisher_type="mc", progress=False)
+             for s in (3, 4, 5)]
+    sizes: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    merged_compact = None
+    for accumulation in ("merge", "separate"):
+        full, comp = Prior(shape="kfac", accumulation=accumulation), Prior(shape="kfac", accumulation=accumulation,
+                                                                          storage="compact")
+        for i, c in enumerate(curvs):
+            for name, prior in (("full", full), ("compact", comp)):
+                prior.add_task(big, c, f"t{i}")
+                sizes.setdefault((accumulation, name), []).append((prior.nbytes(anchors=False), prior.nbytes()))
+        if accumulation == "merge":
+            merged_compact = comp
+    for name in ("full", "compact"):
+        merged, separate = sizes[("merge", name)], sizes[("separate", name)]
+        assert merged == [merged[0]] * 3, (name, merged)
+        assert separate == [(t * separate[0][0], t * separate[0][1]) for t in (1, 2, 3)], (name, separate)
+        assert separate[0] == merged[0]
+    assert sizes[("merge", "compact")][-1][0] < 0.35 * sizes[("merge", "full")][-1][0]
+    comp_block = next(iter(merged_compact.slots[0].curvature.kfac.values()))
+    assert isinstance(comp_block, CompactKFACBlock) and isinstance(comp_block.A, CompactFactor)
+    assert comp_block.A.rank == -(-comp_block.A.dim // 4)
 
 
 @pytest.mark.parametrize("remainder", ["diagonal", "isotropic"])
-def test_randomized_top_eigenpairs_match_the_full_eigendecomposition(remainder: str) -> None:
-    """Large factors with a low rank cap use subspace iteration; it must agree with eigh."""
+def test_randomized_top_eigenpairs_match_the_spectrum_known_by_construction(remainder: str, monkeypatch) -> None:
+    """A 1100 × 1100 factor F = Q diag(λ) Qᵀ with a chosen orthonormal Q and λ = logspace(3, -3) takes the
+    subspace-iteration path at rank_fraction 0.25 (k = 275). Its eigenpairs must be Q's columns and λ, and
+    F̃ the truncation built from them: Q_k Λ_k Q_kᵀ + diag(diag(F − Q_k Λ_k Q_kᵀ)) (diagonal remainder) or
+    Q_k (Λ_k − σ) Q_kᵀ + σ I with σ the mean of the discarded λ (isotropic)."""
     from hf_kfac import compact
 
+    calls = []
+    real = compact._randomized_top_eigh
+    monkeypatch.setattr(compact, "_randomized_top_eigh", lambda F, k, *a, **kw: calls.append(k) or real(F, k, *a, **kw))
     g = torch.Generator().manual_seed(0)
-    d = 1100
+    d, k = 1100, 275
     q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
     spectrum = torch.logspace(3, -3, d, dtype=torch.float64)
     F = ((q * spectrum) @ q.T).float()
     cfg = StorageConfig(format="compact", rank_fraction=0.25, remainder=remainder, eigenvector_dtype="float32")
     fast = compress_factor(F, cfg)
-    old = compact._RANDOMIZED_MIN_DIM
-    compact._RANDOMIZED_MIN_DIM = 10**9
-    try:
-        ref = compress_factor(F, cfg)
-    finally:
-        compact._RANDOMIZED_MIN_DIM = old
-    assert fast.rank == ref.rank == 275
-    # a flat spectrum converges slowly at the cut: the leading pairs are tight, the last ones close
-    torch.testing.assert_close(fast.eigvals[:200], ref.eigvals[:200], rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(fast.eigvals, ref.eigvals, rtol=3e-2, atol=1e-5)
-    x = torch.randn(7, d, generator=g)
-    qf = (x @ fast.dense() * x).sum()
-    qr = (x @ ref.dense() * x).sum()
-    assert float(qf) == pytest.approx(float(qr), rel=1e-3)
+    assert calls == [k] and fast.rank == k  # the randomized path ran
+    qk, lk = q[:, :k], spectrum[:k]
+    if remainder == "isotropic":
+        sigma = spectrum[k:].mean()
+        assert float(fast.residual[0]) == pytest.approx(float(sigma), rel=1e-2)
+        torch.testing.assert_close(fast.residual, fast.residual[:1].expand(d), rtol=0.0, atol=0.0)
+        found = fast.eigvals.double() + fast.residual.double()[0]
+        ref = (qk * (lk - sigma)) @ qk.T + sigma * torch.eye(d, dtype=torch.float64)
+    else:
+        found = fast.eigvals.double()
+        top = (qk * lk) @ qk.T
+        ref = top + torch.diag(torch.diagonal(F.double()) - torch.diagonal(top))
+    # a flat spectrum (adjacent eigenvalues 1.3% apart) converges slowly at the cut: the leading pairs are
+    # tight, the last ones close
+    torch.testing.assert_close(found[:200], lk[:200], rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(found, lk, rtol=3e-2, atol=0.0)
+    cosines = (qk[:, :200] * fast.eigvecs[:, :200].double()).sum(0).abs()
+    assert float(cosines.min()) > 1 - 1e-4
+    dense = fast.dense(torch.float64)
+    assert float((dense - ref).norm() / ref.norm()) < 1e-2
+    if remainder == "diagonal":
+        torch.testing.assert_close(torch.diagonal(dense), torch.diagonal(F.double()), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_products_stay_close_to_float32(tiny_setup) -> None:

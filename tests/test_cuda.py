@@ -2,7 +2,8 @@
 
 Skipped without CUDA (CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``.
 The oracle is always an independent computation: the same estimator on CPU in float32, or the
-penalty as explicit quadratic forms (``hand_penalty``).
+penalty as explicit quadratic forms (``hand_penalty``; ``dense_compact_penalty`` for compact factors,
+rebuilt as dense matrices with torch.kron).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from oracles import tiny_bert_config
+from oracles import dense_compact_penalty, tiny_bert_config
 from transformers import BertForSequenceClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
@@ -87,14 +88,11 @@ def test_penalty_on_cuda_equals_the_explicit_quadratic_form(shape: str, storage:
         pen = prior.penalty(gpu, 0.5)
     pen.backward()
     params = {n: p.detach().requires_grad_(True) for n, p in moved.named_parameters()}
-    if storage == "compact":  # the oracle is the compact prior's own (dense) factors on CPU
-        want = prior.penalty(moved, 0.5)
-        want.backward()
-        want_grads = {n: p.grad for n, p in moved.named_parameters() if p.grad is not None}
-    else:
-        want = hand_penalty(params, prior, 0.5)
-        want.backward()
-        want_grads = {n: p.grad for n, p in params.items() if p.grad is not None}
+    # compact: the stored U diag(w) Uᵀ + diag(r) rebuilt densely, damped, and torch.kron on CPU
+    oracle = dense_compact_penalty if storage == "compact" else hand_penalty
+    want = oracle(params, prior, 0.5)
+    want.backward()
+    want_grads = {n: p.grad for n, p in params.items() if p.grad is not None}
     assert pen.dtype == torch.float32 and pen.device.type == "cuda"
     assert abs(float(pen.detach()) - float(want.detach())) <= 1e-4 * float(want.detach())
     for n, p in gpu.named_parameters():

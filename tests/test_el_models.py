@@ -109,21 +109,50 @@ def test_classifier_predictive_fn_is_softmax_over_the_batch_head() -> None:
     assert predictive_fn_for(m) is classifier_predictive_fn
 
 
-@pytest.mark.parametrize("shape", ["kfac", "diag"])
-def test_estimator_runs_on_the_classifier(shape: str) -> None:
-    m = _classifier()
+def _classifier_fisher_batches() -> list[dict[str, torch.Tensor]]:
+    """Ragged mentions: a batch of three task-a examples (head a, 3 classes), one of a single task-b example."""
     col = ELCollator(0)
-    feats = [{"input_ids": [1, 5, 6, 7][: 2 + i % 3], "attention_mask": [1] * (2 + i % 3), "task_id": 1,
-              "labels": i % 5} for i in range(8)]
-    curv = estimate_fisher(m, [col(feats[:4]), col(feats[4:])], shape=shape, progress=False,
+
+    def feat(i: int, task: int, label: int) -> dict:
+        n = 2 + i % 4
+        return {"input_ids": [3 + (7 * i + 5 * j) % 35 for j in range(n)], "attention_mask": [1] * n,
+                "task_id": task, "labels": label}
+
+    return [col([feat(i, 0, i % 3) for i in range(3)]), col([feat(3, 1, 4)])]
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_classifier_fisher_matches_brute_force_per_example_gradients(fisher_type: str) -> None:
+    """The classifier's diagonal Fisher equals oracles.brute_force_diag (one autograd call per example and
+    class) for every trainable parameter. K-FAC: head b sees one example, so its block A ⊗ G is the exact
+    dense Fisher block (brute force); head a sees three, so G (= the bias block of A ⊗ G, as A's bias entry
+    is 1) equals the brute-force bias block, and A the mean of [pooled, 1][pooled, 1]ᵀ over its rows. The
+    pooler, unused by mean pooling, is frozen and not covered."""
+    from oracles import brute_force_dense_block, brute_force_diag
+
+    m = _classifier()
+    batches = _classifier_fisher_batches()
+    diag = estimate_fisher(m, batches, shape="diag", fisher_type=fisher_type, progress=False,
                            predictive_fn=classifier_predictive_fn)
-    assert curv.n_examples == 8
-    names = curv.param_names()
-    assert "heads.b.weight" in names and "encoder.encoder.layer.0.attention.self.query.weight" in names
-    assert not any("pooler" in n for n in names)  # unused by mean pooling: frozen, not in the prior
-    if shape == "kfac":
-        assert curv.kfac["heads.b"].G.abs().sum() > 0
-        assert curv.kfac["heads.a"].G.abs().sum() == 0  # the other task's head is not on this batch's path
+    ref = brute_force_diag(m, batches, fisher_type)
+    assert diag.n_examples == 4 and set(diag.diag) == set(ref)
+    assert "heads.a.weight" in ref and not any("pooler" in n for n in ref)
+    scale = max(float(v.abs().max()) for v in ref.values())
+    for name, want in ref.items():
+        torch.testing.assert_close(diag.diag[name], want, rtol=1e-4, atol=1e-7 * scale, msg=name)
+
+    kfac = estimate_fisher(m, batches, shape="kfac", fisher_type=fisher_type, progress=False,
+                           predictive_fn=classifier_predictive_fn)
+    assert not any("pooler" in n for n in kfac.param_names())
+    dense_b = brute_force_dense_block(m, batches, fisher_type, "heads.b.weight", "heads.b.bias")
+    torch.testing.assert_close(kfac.kfac["heads.b"].dense(), dense_b, rtol=1e-4, atol=1e-7 * float(dense_b.abs().max()))
+    dense_a = brute_force_dense_block(m, batches, fisher_type, "heads.a.weight", "heads.a.bias")
+    torch.testing.assert_close(kfac.kfac["heads.a"].G, dense_a[-3:, -3:], rtol=1e-4, atol=1e-7 * float(dense_a.abs().max()))
+    with torch.no_grad():
+        pooled = mean_pool(m.encoder(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+                           .last_hidden_state, batches[0]["attention_mask"])
+    a_bar = torch.cat([pooled, torch.ones(3, 1)], dim=1)
+    torch.testing.assert_close(kfac.kfac["heads.a"].A, a_bar.T @ a_bar / 3, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- bi-encoder

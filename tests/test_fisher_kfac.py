@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from oracles import brute_force_dense_block, gaussian_dense_block, tiny_bert_config
+from oracles import brute_force_dense_block, brute_force_diag, gaussian_dense_block, tiny_bert_config
 from torch import nn
 from transformers import BertForSequenceClassification, BertForTokenClassification
 
@@ -197,23 +197,46 @@ def test_padding_changes_nothing(shape: str, approx: str) -> None:
         torch.testing.assert_close(a.diag[name], b.diag[name], rtol=1e-4, atol=1e-9, msg=name)
 
 
-def test_ignored_labels_contribute_nothing() -> None:
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_ignored_labels_contribute_nothing(fisher_type: str) -> None:
+    """Positions labelled -100 add nothing, compared with brute force that skips them
+    (oracles.brute_force_dense_block / brute_force_diag, one autograd call per example, position and class).
+
+    K-FAC ``reduce`` sums each example's output gradients over positions and its ā ends in 1, so every
+    block's G is exactly the bias-bias block of the dense Fisher; under ``expand`` that holds for the
+    classifier with the exact Fisher (one output vector per position, so no cross-position terms). The diagonal is exact for every parameter. Labelling the
+    ignored positions changes the Fisher (so the -100 matter here), and an example with every label
+    ignored gives G = 0.
+    """
     torch.manual_seed(0)
     model = BertForTokenClassification(tiny_bert_config())
-    ids = torch.tensor([[2, 5, 7, 9, 11]])
-    am = torch.ones_like(ids)
-    labels = torch.tensor([[-100, 1, -100, 2, -100]])
-    full = estimate_fisher(model, [{"input_ids": ids, "attention_mask": am, "labels": labels}], shape="kfac", fisher_type="exact", progress=False)
-    # the exact Fisher over positions 1 and 3 only, via an explicit output mask
-    def masked(model: nn.Module, batch: dict) -> PredictiveOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return PredictiveOutput(logits, None, "categorical", mask=batch["keep"])
-    keep = torch.tensor([[False, True, False, True, False]])
-    ref = estimate_fisher(model, [{"input_ids": ids, "attention_mask": am, "keep": keep}], shape="kfac", fisher_type="exact", predictive_fn=masked, progress=False)
-    for name in full.kfac:
-        torch.testing.assert_close(full.kfac[name].G, ref.kfac[name].G)
-    # and an all-ignored example gives a zero output factor
-    none = estimate_fisher(model, [{"input_ids": ids, "attention_mask": am, "labels": torch.full_like(ids, -100)}], shape="kfac", fisher_type="mc", progress=False)
+    ids = torch.tensor([[2, 5, 7, 9, 11], [3, 4, 6, 8, 0]])
+    am = (ids != 0).long()
+    labels = torch.tensor([[-100, 1, -100, 2, -100], [0, -100, 2, -100, -100]])
+    batches = [{"input_ids": ids, "attention_mask": am, "labels": labels}]
+    relabelled = [{"input_ids": ids, "attention_mask": am, "labels": torch.tensor([[0, 1, 2, 2, 1], [0, 1, 2, 0, -100]])}]
+    kw = dict(fisher_type=fisher_type, progress=False)
+    reduce = estimate_fisher(model, batches, shape="kfac", kfac_approx="reduce", **kw)
+    expand = estimate_fisher(model, batches, shape="kfac", kfac_approx="expand", **kw) if fisher_type == "exact" else None
+    other = estimate_fisher(model, relabelled, shape="kfac", kfac_approx="reduce", **kw)
+    assert set(reduce.kfac) == {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, block in reduce.kfac.items():
+        dense = brute_force_dense_block(model, batches, fisher_type, block.weight, block.bias)
+        d = block.G.shape[0]
+        scale = float(dense.abs().max())
+        torch.testing.assert_close(block.G, dense[-d:, -d:], rtol=1e-4, atol=1e-6 * scale, msg=name)
+        if name == "classifier":
+            if expand is not None:
+                torch.testing.assert_close(expand.kfac[name].G, dense[-d:, -d:], rtol=1e-4, atol=1e-6 * scale)
+            assert float((other.kfac[name].G - block.G).norm()) > 0.1 * float(block.G.norm())
+    diag = estimate_fisher(model, batches, shape="diag", **kw)
+    ref = brute_force_diag(model, batches, fisher_type)
+    scale = max(float(v.abs().max()) for v in ref.values())
+    for name, want in ref.items():
+        torch.testing.assert_close(diag.diag[name], want, rtol=1e-4, atol=1e-7 * scale, msg=name)
+    # an example whose every label is ignored gives a zero output factor
+    none = estimate_fisher(model, [{"input_ids": ids, "attention_mask": am, "labels": torch.full_like(ids, -100)}],
+                           shape="kfac", fisher_type="mc", progress=False)
     assert all(b.G.abs().max() == 0 for b in none.kfac.values())
 
 

@@ -72,17 +72,44 @@ def test_model_without_prior_is_explained(hub_server, tmp_path: Path) -> None:
         Prior.from_pretrained(tmp_path / "m")
 
 
-def test_offline_mode_uses_the_cache(hub_server, tmp_path: Path, monkeypatch) -> None:
+def _go_offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE=1 for real: the variable (for subprocesses and anything reading it later) and
+    huggingface_hub's copy, which it reads once at import (``constants.HF_HUB_OFFLINE``; every request
+    checks ``constants.is_offline_mode()``, which returns it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert constants.is_offline_mode()
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "local_files_only"])
+def test_offline_mode_uses_the_cache_and_sends_no_request(hub_server, tmp_path: Path, monkeypatch, how: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1, or local_files_only=True), a prior downloaded once loads from the cache
+    while the server is up and holds a newer revision: the cached one-task prior comes back, the server
+    sees no request, and a repo never downloaded is refused as not in the cache."""
     model, prior, folder = _model_and_prior(tmp_path)
     api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
     repo = api.create_repo("org/cached").repo_id
     api.upload_folder(repo_id=repo, folder_path=str(folder))
-    Prior.from_pretrained(repo)
-    hub_server.stop()
-    loaded = Prior.from_pretrained(repo, local_files_only=True)
-    assert loaded.num_tasks == 1
+    assert Prior.from_pretrained(repo).num_tasks == 1  # cached
+    prior.add_task(model, prior.slots[0].curvature, "b")
+    prior.save_pretrained(folder / "fisher")
+    api.upload_folder(repo_id=repo, folder_path=str(folder))  # the Hub moves on to a two-task prior
+    kwargs = {"local_files_only": True} if how == "local_files_only" else {}
+    if how == "HF_HUB_OFFLINE":
+        _go_offline(monkeypatch)
+    before = len(hub_server.requests)
+    loaded = Prior.from_pretrained(repo, **kwargs)
+    assert loaded.num_tasks == 1 and [t.name for t in loaded.tasks] == ["a"]
     with pytest.raises(PriorFileError, match="not in the local cache"):
-        Prior.from_pretrained("org/never-downloaded", local_files_only=True)
+        Prior.from_pretrained("org/never-downloaded", **kwargs)
+    assert hub_server.requests[before:] == []
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online again
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert Prior.from_pretrained(repo).num_tasks == 2  # the newer revision was there all along
 
 
 def test_cut_off_download_never_yields_a_half_written_prior(hub_server, tmp_path: Path) -> None:

@@ -72,7 +72,13 @@ def make_dataset_from_rows(rows: dict) -> Any:
     return datasets.Dataset.from_dict(rows)
 
 
-def test_two_tasks_as_in_the_issue(tmp_path: Path) -> None:
+def test_two_tasks_fisher_is_the_direct_estimate_anchor_is_the_weights_checkpoints_hold_the_prior_task_two_appends(
+    tmp_path: Path,
+) -> None:
+    """Train and consolidate task A, then continue on task B from the saved folder: the consolidated Fisher
+    equals a direct estimate on A's rows, the anchor equals the trained weights bit for bit, the record holds
+    the task's name, size and metadata, every checkpoint of task B holds the prior, and consolidating B
+    appends a second task to it."""
     rows_a, rows_b = make_rows("seq", 10, seed=1), make_rows("seq", 9, seed=2)
     task_a, task_b = make_dataset_from_rows(rows_a), make_dataset_from_rows(rows_b)
     out_a, out_b = tmp_path / "el-disease", tmp_path / "el-drugs"

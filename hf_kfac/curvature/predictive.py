@@ -79,7 +79,40 @@ class PredictiveOutput:
             mask = labels != IGNORE_INDEX
         else:
             mask = torch.ones(n, p, dtype=torch.bool, device=z.device)
+        if labels is not None and self.likelihood == Likelihood.CATEGORICAL:
+            check_class_ids(labels, mask, c, allow_ignored=True)
         return z, labels, mask
+
+
+def check_class_ids(labels: Tensor, mask: Tensor, n_classes: int, allow_ignored: bool = False) -> None:
+    """Raise a ValueError naming the first label at a counted position (``mask``) outside [0, n_classes).
+
+    Checked whatever the Fisher type: a class id the model cannot predict means the labels belong to
+    another task or head, even where (``mc``, ``exact``) labels only mark ignored positions.
+    ``allow_ignored``: a -100 where an explicit mask counts the position passes (``mc`` and ``exact``
+    do not read it); the ``empirical`` Fisher, which needs a class there, calls this without it.
+    """
+    bad = mask & ((labels < 0) | (labels >= n_classes))
+    if allow_ignored:
+        bad &= labels != IGNORE_INDEX
+    if not bool(bad.any()):
+        return
+    value = int(labels[bad][0])
+    if value == IGNORE_INDEX:
+        raise ValueError(
+            f"label {IGNORE_INDEX} (ignored) at a position the PredictiveOutput's mask counts: the empirical "
+            "Fisher needs a class id there. Leave the position out of the mask, or give its true class."
+        )
+    if value < 0:
+        raise ValueError(
+            f"label {value} at a position that counts: class ids must be in [0, {n_classes}). "
+            f"Use {IGNORE_INDEX} for ignored positions (no other negative value is ignored)."
+        )
+    raise ValueError(
+        f"label {value} at a position that counts, but the model predicts {n_classes} classes: class ids must be "
+        f"in [0, {n_classes}). Check that the labels belong to this model's task (its num_labels or head), "
+        f"or use {IGNORE_INDEX} for positions to ignore."
+    )
 
 
 PredictiveFn = Callable[[nn.Module, Mapping[str, Any]], PredictiveOutput]
@@ -121,9 +154,21 @@ def default_predictive_fn(model: nn.Module, batch: Mapping[str, Any]) -> Predict
         and logits.dim() == 2
     ):
         if labels is not None:
+            if labels.numel() != logits.numel():
+                raise ValueError(
+                    f"regression targets of shape {tuple(labels.shape)} do not match outputs of shape "
+                    f"{tuple(logits.shape)}: expected {logits.numel()} values, one per output. Pass the "
+                    "batch's own targets as `labels` (or a predictive_fn for another target layout)."
+                )
             labels = labels.reshape(logits.shape)
         return PredictiveOutput(logits, labels, Likelihood.GAUSSIAN)
     if _is_causal_lm(model):
+        if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"causal-LM labels of shape {tuple(labels.shape)} do not match logits of shape {tuple(logits.shape)}: "
+                f"expected {tuple(logits.shape[:-1])}, one token id per input position (the shape of input_ids, "
+                "unshifted: the shift by one position is done here)."
+            )
         logits = logits[:, :-1]
         labels = labels[:, 1:] if labels is not None else None
         mask = None
@@ -194,16 +239,8 @@ def output_vectors(
     if likelihood == Likelihood.CATEGORICAL:
         probs = torch.softmax(z, dim=-1)
         if fisher_type == FisherType.EMPIRICAL:
-            negative = (labels < 0) & mask
-            if negative.any():
-                bad = int(labels[negative][0])
-                raise ValueError(
-                    f"label {bad} at a position that counts: class ids must be in [0, {c}). "
-                    f"Use {IGNORE_INDEX} for ignored positions (no other negative value is ignored)."
-                )
-            if ((labels >= c) & mask).any():
-                raise ValueError(f"a label is >= the number of classes ({c}).")
-            y = labels.clamp_min(0)  # ignored (-100) positions: any class, v is masked to 0
+            check_class_ids(labels, mask, c)
+            y = torch.where(mask, labels, torch.zeros_like(labels))  # positions left out: any class, v is masked to 0
             yield (probs - nn.functional.one_hot(y, c).to(z.dtype)) * m, 1.0
         elif fisher_type == FisherType.MC:
             for _ in range(n_samples):
