@@ -101,8 +101,10 @@ def _dir_mode() -> int:
 def _fsync_path(path: str | os.PathLike) -> None:
     """fsync a file's contents, or a folder's entries (best effort for folders: not every OS allows it)."""
     is_dir = os.path.isdir(path)
+    # a file is opened for writing: Windows' FlushFileBuffers refuses a read-only handle
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if is_dir else os.O_RDWR | getattr(os, "O_BINARY", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+        fd = os.open(path, flags)
     except OSError:
         if is_dir:
             return
@@ -198,8 +200,8 @@ def save_tensor_folder(
         for filename, keys in shards.items():
             path = tmp / filename
             save_file({k: tensors[k] for k in keys}, str(path), metadata={"format": "pt"})
-            os.chmod(path, _file_mode())
             _fsync_path(path)
+            os.chmod(path, _file_mode())
             files[filename] = sha256_file(path)
         config = dict(config, files=files, weight_map=dict(split.tensor_to_filename))
         # written last, after every file is on disk: a temporary folder with a config is complete
@@ -297,7 +299,12 @@ def interrupted_save_source(target: str | os.PathLike) -> Path | None:
     target = Path(target)
     if os.path.lexists(target):
         return None
-    for tmp in _leftovers(target, "tmp"):
+    tmps = _leftovers(target, "tmp")
+    if not tmps:
+        # no save was caught between its renames (that always leaves a ``.tmp-*``): an ``.old-*``
+        # alone is a stale leftover of a finished save, and the target was removed on purpose
+        return None
+    for tmp in tmps:
         if _is_complete(tmp):
             return tmp
     olds = _leftovers(target, "old")

@@ -15,7 +15,7 @@ import torch
 from oracles import brute_force_diag
 from torch import nn
 
-from hf_kfac import estimate_fisher
+from hf_kfac import PredictiveOutput, estimate_fisher
 
 VOCAB = 11
 
@@ -251,3 +251,20 @@ def test_gemma_scaled_word_embedding_matches_brute_force() -> None:
     ref = brute_force_diag(model, oracle, "empirical")
     assert set(curv.diag) == set(ref)
     _assert_matches_oracle(curv, ref)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "submodule"])
+def test_a_compiled_model_is_refused_because_its_hooks_see_no_layer_gradients(how: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    if how == "torch.compile":
+        target: nn.Module = torch.compile(model, backend="eager")
+    elif how == "module.compile":
+        model.compile(backend="eager")
+        target = model
+    else:
+        model[0] = torch.compile(model[0], backend="eager")
+        target = model
+    batches = [{"input": torch.randn(3, 4), "labels": torch.tensor([0, 1, 0])}]
+    with pytest.raises(ValueError, match=r"compiled .*_orig_mod"):
+        estimate_fisher(target, batches, shape="diag", fisher_type="empirical", progress=False,
+                        predictive_fn=lambda m, b: PredictiveOutput(m(b["input"]), b["labels"]))

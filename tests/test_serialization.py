@@ -159,6 +159,41 @@ def test_interrupted_save_keeps_the_previous_prior(model_and_prior, tmp_path: Pa
 
 
 # ------------------------------------------------- saving never deletes what is not the prior's
+def test_a_stale_old_copy_never_brings_back_a_prior_removed_on_purpose(model_and_prior, tmp_path: Path) -> None:
+    """Only a save caught between its renames (which leaves a ``.tmp-*``) is recovered on load."""
+    import shutil
+
+    _, prior = model_and_prior
+    folder = _save(prior, tmp_path)
+    shutil.copytree(folder, tmp_path / ".fisher.old-stale1")  # left by a cleanup that failed
+    shutil.rmtree(folder)  # the user deletes the prior
+    with pytest.raises(PriorFileError, match="no prior folder"):
+        Prior.from_pretrained(folder)
+    assert not folder.exists()
+
+
+def test_files_are_fsynced_through_a_writable_handle(model_and_prior, tmp_path: Path, monkeypatch) -> None:
+    """Windows flushes only handles open for writing: a read-only fsync of a file would fail there."""
+    real_open, real_fsync = os.open, os.fsync
+    modes: dict[int, int] = {}
+
+    def opening(path, flags, *a, **k):
+        fd = real_open(path, flags, *a, **k)
+        modes[fd] = flags
+        return fd
+
+    def syncing(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode) and modes.get(fd, os.O_RDWR) & (os.O_WRONLY | os.O_RDWR) == 0:
+            raise OSError(9, "Bad file descriptor (read-only handle)")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", opening)
+    monkeypatch.setattr(os, "fsync", syncing)
+    _, prior = model_and_prior
+    folder = _save(prior, tmp_path)
+    assert Prior.from_pretrained(folder).num_tasks == 2
+
+
 def test_saving_into_a_model_folder_is_refused_and_deletes_nothing(model_and_prior, tmp_path: Path) -> None:
     _, prior = model_and_prior
     folder = tmp_path / "model"

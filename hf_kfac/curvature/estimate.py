@@ -805,6 +805,20 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _refuse_compiled(model: nn.Module) -> None:
+    """Fail on a compiled model: inside a compiled graph the layers' hooks get no per-layer output gradients."""
+    for name, module in model.named_modules():
+        compiled = type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None
+        if compiled:
+            where = f"the submodule {name!r}" if name else "the model"
+            raise ValueError(
+                f"{where} is compiled (torch.compile / nn.Module.compile): the Fisher is read from per-layer "
+                "hooks, which see no per-layer gradients inside a compiled graph, so the result would be "
+                "wrong. Pass the eager model: `compiled._orig_mod` for torch.compile(model), or a copy "
+                "that was not compiled. (ContinualTrainer unwraps torch.compile itself.)"
+            )
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -838,6 +852,7 @@ def estimate_fisher(
     if config.shape == Shape.IDENTITY:
         raise ValueError("shape='identity' has no Fisher to estimate; an L2 prior needs only the anchor.")
     predictive_fn = predictive_fn or default_predictive_fn
+    _refuse_compiled(model)
     est = _Estimator(model, config)
     if not est.params:
         raise ValueError(
