@@ -329,10 +329,11 @@ def test_resume_restores_the_prior_and_matches_an_uninterrupted_run(tmp_path: Pa
         atol = 1e-4 if "key.bias" in k else 1e-6
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=atol, msg=k)
 
-    # a save killed between its two renames leaves the prior only in a hidden sibling: resume puts it back
+    # a save killed just before its final rename leaves the complete prior only in its hidden
+    # temporary folder: resume puts it in place
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "i", killed, ignore=shutil.ignore_patterns("checkpoint-6"))
-    (killed / "checkpoint-3" / "fisher").rename(killed / "checkpoint-3" / ".fisher.old-k1ll3d")
+    (killed / "checkpoint-3" / "fisher").rename(killed / "checkpoint-3" / ".fisher.tmp-k1ll3d")
     again = make_model("seq", seed=123, dropout=0.1)
     ContinualTrainer(model=again, args=args_b(killed), train_dataset=task_b).train(
         resume_from_checkpoint=str(killed / "checkpoint-3"))
