@@ -49,3 +49,14 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
         assert single.keys() == multi.keys()
         for k in single:
             torch.testing.assert_close(multi[k], single[k], rtol=1e-5, atol=1e-8, msg=f"{shape}/{ft}/{approx}: {k}")
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_stops_every_process() -> None:
+    """Without it, the other process would wait in the next all-reduce until gloo's 30-min timeout."""
+    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", timeout=180)
+    out = proc.stdout
+    assert proc.returncode != 0
+    assert "rank 1 raised ValueError" in out and "label 7" in out, out + proc.stderr[-2000:]
+    assert "rank 0 raised RuntimeError: 1 other process(es) failed" in out, out + proc.stderr[-2000:]
+    assert "finished" not in out

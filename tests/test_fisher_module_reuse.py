@@ -268,3 +268,26 @@ def test_a_compiled_model_is_refused_because_its_hooks_see_no_layer_gradients(ho
     with pytest.raises(ValueError, match=r"compiled .*_orig_mod"):
         estimate_fisher(target, batches, shape="diag", fisher_type="empirical", progress=False,
                         predictive_fn=lambda m, b: PredictiveOutput(m(b["input"]), b["labels"]))
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_an_output_modified_in_place_after_the_call_matches_brute_force(shape: str, caplog) -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+            h = self.a(input_ids)
+            h.mul_(2.0)  # the hook saw h before this: its gradient w.r.t. the module's output is off by 2
+            return SimpleNamespace(logits=self.b(torch.tanh(h)))
+
+    torch.manual_seed(0)
+    model = InPlace()
+    batches = [{"input_ids": torch.randn(6, 4), "labels": torch.randint(0, 3, (6,))} for _ in range(2)]
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    for name in ("a.weight", "a.bias"):
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-7)
+    assert "modified in place" in caplog.text and "a" in caplog.text

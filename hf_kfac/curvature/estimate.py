@@ -80,6 +80,7 @@ class _Call:
     inp: Tensor
     out: Tensor
     mask: Tensor  # (N, P) bool over the call's positions
+    version: int = 0  # out._version when the module returned it: a later in-place op changes it
 
 
 class _Handler:
@@ -546,7 +547,10 @@ class _Estimator:
             uses[by_id[id(node.variable)]] = ops
         n_calls: dict[str, int] = {}
         custom: set[str] = set()  # modules whose own forward does not end in the op their handler assumes
+        modified: set[str] = set()  # modules whose output the model changes in place after the call
         for call in calls:
+            if call.out._version != call.version:
+                modified.add(call.handler.name)
             if call.out.grad_fn not in seen:
                 continue
             for p in call.handler.param_names():
@@ -576,6 +580,19 @@ class _Estimator:
                 "per-example path (one backward pass per example).",
                 len(names),
                 ", ".join(f"{m} ({type(self.model.get_submodule(m)).__name__})" for m in names[:5]),
+            )
+        modified &= set(self.handlers)
+        if modified:
+            names = sorted(modified)
+            own = {p for m in names for p in self.handlers[m].param_names()}
+            self.move_to_fallback(own, "its output is modified in place after the call")
+            moved += sorted(own)
+            logger.warning(
+                "%d module(s) have their output modified in place after their forward call (%s, e.g. "
+                "`h = lin(x); h *= 2`), so the output gradient a hook sees is not the layer's; their "
+                "diagonal Fisher uses the exact per-example path (one backward pass per example).",
+                len(names),
+                ", ".join(names[:5]),
             )
         if not moved:
             return []
@@ -733,7 +750,8 @@ class _Estimator:
             raise RuntimeError(
                 "processes disagree on which parameters get K-FAC blocks or the exact per-example path "
                 f"(this rank: {n_kfac} blocks, fallback {sorted(self.fallback_params)[:5]}); the first batch "
-                "of each rank must run the same modules."
+                "of each rank must run the same modules, and every process needs at least one batch (give "
+                "the Fisher at least as many examples as there are processes)."
             )
 
     def _in_kfac(self, pname: str) -> bool:
@@ -897,7 +915,7 @@ def estimate_fisher(
                     (n,) + tuple(mid),
                     handler.name,
                 )
-        call = _Call(handler, x.detach(), output, mask)
+        call = _Call(handler, x.detach(), output, mask, output._version)
         handler.on_forward(call, cache)
         calls.append(call)
         return replaced
@@ -911,6 +929,7 @@ def estimate_fisher(
     n_examples = torch.zeros((), dtype=torch.float64, device=device)
     fallback = list(est.fallback_params.values())
     fallback_names = list(est.fallback_params)
+    failure: Exception | None = None
     try:
         total = None
         try:
@@ -981,11 +1000,26 @@ def estimate_fisher(
             del out, z, outs
             calls.clear()
             cache.clear()
+    except Exception as e:
+        if get_world_size() < 2:
+            raise
+        # with several processes, raise on every one of them (below) rather than leave the
+        # others waiting in the next collective until it times out
+        failure = e
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    all_reduce_sum_([n_examples])
+    status = torch.stack([n_examples, torch.tensor(float(failure is not None), dtype=torch.float64, device=device)])
+    all_reduce_sum_([status])
+    if failure is not None:
+        raise failure
+    if float(status[1]) > 0:
+        raise RuntimeError(
+            f"{int(status[1])} other process(es) failed while estimating the Fisher; their error is in "
+            "their own log (this process stopped with them)."
+        )
+    n_examples = status[0]
     total_n = float(n_examples.item())
     if total_n == 0:
         raise ValueError(
