@@ -291,3 +291,33 @@ def test_an_output_modified_in_place_after_the_call_matches_brute_force(shape: s
     for name in ("a.weight", "a.bias"):
         torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-7)
     assert "modified in place" in caplog.text and "a" in caplog.text
+
+
+def _mpnet() -> nn.Module:
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    return MPNetForSequenceClassification(MPNetConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                      num_attention_heads=2, intermediate_size=32, num_labels=3))
+
+
+def _deberta() -> nn.Module:
+    from transformers import DebertaConfig, DebertaForSequenceClassification
+
+    return DebertaForSequenceClassification(DebertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=3,
+        relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=8))
+
+
+@pytest.mark.parametrize("make", [_mpnet, _deberta], ids=["mpnet-relative-bias", "deberta-relative-attention"])
+def test_relative_position_encoders_match_brute_force(make, caplog) -> None:
+    """MPNet looks its bias up on a (T, T) grid; DeBERTa scales a broadcast projection in place."""
+    torch.manual_seed(0)
+    model = make().eval()
+    ids = torch.randint(3, 50, (4, 7))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (4,))}]
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape="diag", fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    assert curv.diag.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-9, msg=name)

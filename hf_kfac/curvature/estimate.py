@@ -548,9 +548,12 @@ class _Estimator:
         n_calls: dict[str, int] = {}
         custom: set[str] = set()  # modules whose own forward does not end in the op their handler assumes
         modified: set[str] = set()  # modules whose output the model changes in place after the call
+        unbatched: set[str] = set()  # diagonal handlers run on a tensor whose rows are not the examples
         for call in calls:
             if call.out._version != call.version:
                 modified.add(call.handler.name)
+            if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
+                unbatched.add(call.handler.name)
             if call.out.grad_fn not in seen:
                 continue
             for p in call.handler.param_names():
@@ -580,6 +583,19 @@ class _Estimator:
                 "per-example path (one backward pass per example).",
                 len(names),
                 ", ".join(f"{m} ({type(self.model.get_submodule(m)).__name__})" for m in names[:5]),
+            )
+        unbatched &= set(self.handlers)
+        if unbatched:
+            names = sorted(unbatched)
+            own = {p for m in names for p in self.handlers[m].param_names()}
+            self.move_to_fallback(own, "it runs on a tensor whose rows are not the batch's examples")
+            moved += sorted(own)
+            logger.warning(
+                "%d module(s) run on a tensor whose first dimension is not the batch's examples (%s, e.g. "
+                "a relative-position bias looked up on a (T, T) bucket grid); their diagonal Fisher uses "
+                "the exact per-example path (one backward pass per example).",
+                len(names),
+                ", ".join(names[:5]),
             )
         modified &= set(self.handlers)
         if modified:
@@ -901,8 +917,10 @@ def estimate_fisher(
         if x.shape[0] == 1 and batch_n[0] > 1 and output.shape[0] == 1:
             # A call broadcast over the batch (e.g. BERT's position embeddings of shape
             # (1, T, D)): expand it so that its output gradient stays per example.
+            # A copy, not a view: the model may change it in place (DeBERTa scales its
+            # relative-position projections in place), which a broadcast view cannot take.
             x = x.expand((batch_n[0],) + tuple(x.shape[1:]))
-            output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:]))
+            output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:])).clone()
         mask = _mask_for(x, masks, is_index)
         if mask is None:
             mid = x.shape[1:] if is_index else x.shape[1:-1]
