@@ -24,7 +24,7 @@ class PriorDownloadError(PriorFileError):
     """Downloading a prior from the Hub failed (network, HTTP status, access); retrying may help."""
 
 
-def _normalise_subfolder(subfolder: str | None) -> str:
+def normalise_subfolder(subfolder: str | None) -> str:
     """``None`` -> ``fisher``; ``"."``, ``"./"`` and ``""`` -> ``""`` (the folder or repo root)."""
     sub = DEFAULT_PRIOR_SUBFOLDER if subfolder is None else str(subfolder)
     return "/".join(PurePosixPath(sub.replace("\\", "/")).parts)
@@ -54,7 +54,7 @@ def resolve_prior_folder(
     is fetched. A name that is no local folder is taken as a Hub repo id; when it is not
     one either, the error says both.
     """
-    sub = _normalise_subfolder(subfolder)
+    sub = normalise_subfolder(subfolder)
     text = str(path_or_repo)
     local = Path(path_or_repo).expanduser()
     if local.is_dir():

@@ -37,7 +37,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,7 +59,6 @@ from .enums import Accumulation, Shape, TaskWeighting
 from .penalty import CompactKFACTerm, DiagTerm, FactorOp, KFACTerm, QuadraticPenalty
 from .serialization import (
     DEFAULT_MAX_SHARD_SIZE,
-    DEFAULT_PRIOR_SUBFOLDER,
     PRIOR_CONFIG_NAME,
     PriorFileError,
     check_finite,
@@ -676,7 +675,9 @@ def _restore_local(path_or_repo: str | os.PathLike, subfolder: str | None) -> Pa
     ``path_or_repo`` is the prior folder, or a folder whose ``subfolder`` (``fisher`` by default) is.
     """
     local = Path(path_or_repo).expanduser()
-    sub = DEFAULT_PRIOR_SUBFOLDER if subfolder is None else "/".join(PurePosixPath(str(subfolder).replace("\\", "/")).parts)
+    from .hub import normalise_subfolder
+
+    sub = normalise_subfolder(subfolder)
     targets = []
     if not os.path.lexists(local):
         targets.append(local)

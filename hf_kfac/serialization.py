@@ -136,6 +136,23 @@ def _write_atomic(path: str | os.PathLike, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """``safetensors`` file at ``path`` through a temporary file beside it (fsynced, mode ``0o666 & ~umask``) and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        _fsync_path(tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_path(path.parent)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file (fsynced, mode ``0o666 & ~umask``) and a rename."""
     _write_atomic(path, json.dumps(data, indent=2, sort_keys=True))

@@ -259,8 +259,9 @@ def test_a_second_save_replaces_heads_and_spec_whole_and_a_failed_one_keeps_them
     import json
     import os
 
-    import safetensors.torch
     from safetensors.torch import load_file
+
+    import hf_kfac.serialization as serialization
 
     m = _classifier()
     m.save_pretrained(tmp_path)
@@ -282,7 +283,7 @@ def test_a_second_save_replaces_heads_and_spec_whole_and_a_failed_one_keeps_them
             f.write(b"\0" * 16)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(serialization, "save_file", disk_full)
     m.add_task_head("d", ["d1"])
     with pytest.raises(OSError, match="No space left"):
         m.save_pretrained(tmp_path)

@@ -570,46 +570,19 @@ class _Estimator:
                 len(moved),
                 ", ".join(moved[:8]) + (", ..." if len(moved) > 8 else ""),
             )
-        custom &= set(self.handlers)
-        if custom:
-            names = sorted(custom)
-            own = {p for m in names for p in self.handlers[m].param_names()}
-            self.move_to_fallback(own, "its class overrides forward: the output is not the plain op of its weight")
-            moved += sorted(own)
-            logger.warning(
-                "%d module(s) subclass nn.Embedding/nn.Linear/nn.LayerNorm/Conv1D with a forward that is not "
-                "the plain op on their input (%s, e.g. a scaled word embedding, a positional embedding "
-                "that looks up positions, not its argument); their diagonal Fisher uses the exact "
-                "per-example path (one backward pass per example).",
-                len(names),
-                ", ".join(f"{m} ({type(self.model.get_submodule(m)).__name__})" for m in names[:5]),
-            )
-        unbatched &= set(self.handlers)
-        if unbatched:
-            names = sorted(unbatched)
-            own = {p for m in names for p in self.handlers[m].param_names()}
-            self.move_to_fallback(own, "it runs on a tensor whose rows are not the batch's examples")
-            moved += sorted(own)
-            logger.warning(
-                "%d module(s) run on a tensor whose first dimension is not the batch's examples (%s, e.g. "
-                "a relative-position bias looked up on a (T, T) bucket grid); their diagonal Fisher uses "
-                "the exact per-example path (one backward pass per example).",
-                len(names),
-                ", ".join(names[:5]),
-            )
-        modified &= set(self.handlers)
-        if modified:
-            names = sorted(modified)
-            own = {p for m in names for p in self.handlers[m].param_names()}
-            self.move_to_fallback(own, "its output is modified in place after the call")
-            moved += sorted(own)
-            logger.warning(
-                "%d module(s) have their output modified in place after their forward call (%s, e.g. "
-                "`h = lin(x); h *= 2`), so the output gradient a hook sees is not the layer's; their "
-                "diagonal Fisher uses the exact per-example path (one backward pass per example).",
-                len(names),
-                ", ".join(names[:5]),
-            )
+        for modules, reason, why in (
+            (custom, "its class overrides forward: the output is not the plain op of its weight",
+             "subclass nn.Embedding/nn.Linear/nn.LayerNorm/Conv1D with a forward that is not the plain op on "
+             "their input (e.g. a scaled word embedding, a positional embedding that looks up positions, not "
+             "its argument)"),
+            (unbatched, "it runs on a tensor whose rows are not the batch's examples",
+             "run on a tensor whose first dimension is not the batch's examples (e.g. a relative-position "
+             "bias looked up on a (T, T) bucket grid)"),
+            (modified, "its output is modified in place after the call",
+             "have their output modified in place after their forward call (e.g. `h = lin(x); h *= 2`), so "
+             "the output gradient a hook sees is not the layer's"),
+        ):
+            moved += self._hand_over_modules(modules, reason, why)
         if not moved:
             return []
         kept = [c for c in calls if c.handler.name in self.handlers]
@@ -617,6 +590,22 @@ class _Estimator:
             c.handler = self.handlers[c.handler.name]
         calls[:] = kept
         return moved
+
+    def _hand_over_modules(self, modules: set[str], reason: str, why: str) -> list[str]:
+        """Give every parameter of the still-handled ``modules`` to the exact path, with a warning; returns them."""
+        names = sorted(modules & set(self.handlers))
+        if not names:
+            return []
+        own = {p for m in names for p in self.handlers[m].param_names()}
+        self.move_to_fallback(own, reason)
+        logger.warning(
+            "%d module(s) %s: %s; their diagonal Fisher uses the exact per-example path (one backward "
+            "pass per example).",
+            len(names),
+            why,
+            ", ".join(f"{m} ({type(self.model.get_submodule(m)).__name__})" for m in names[:5]),
+        )
+        return sorted(own)
 
     @staticmethod
     def _stock_call(call: _Call, uses: dict[str, set]) -> bool:

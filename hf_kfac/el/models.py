@@ -60,7 +60,7 @@ from transformers.utils import ModelOutput
 
 from ..curvature.predictive import PredictiveOutput
 from ..hub import prior_file_patterns
-from ..serialization import write_json_atomic
+from ..serialization import save_safetensors_atomic, write_json_atomic
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -188,40 +188,6 @@ def _el_files_folder(path_or_repo: str | os.PathLike, revision: str | None, toke
 _NOT_MODEL_FILES = ["*/*", *prior_file_patterns("")]
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file`` through a temporary file beside ``path``, fsync and a rename."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0o600 -> an ordinary file's mode (0o666 & ~umask), like config.json
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class _ELModel(PreTrainedModel):
     """Shared encoder, pooling, saving and loading of the two formulations."""
 
@@ -317,7 +283,7 @@ class _ELModel(PreTrainedModel):
             return
         # each file is replaced whole (temporary file + rename): an interrupted save never leaves a half-written one
         if head_sd:
-            _save_safetensors_atomic(head_sd, folder / HEADS_FILE)
+            save_safetensors_atomic(head_sd, folder / HEADS_FILE)
         elif (folder / HEADS_FILE).exists():
             (folder / HEADS_FILE).unlink()
         write_json_atomic(folder / EL_MODEL_FILE, self._el_dict())
