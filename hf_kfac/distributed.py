@@ -47,6 +47,20 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
             offset += t.numel()
 
 
+def all_equal(values: list[int], device: torch.device | str = "cpu") -> bool:
+    """Whether every process passed the same integers (True in one process).
+
+    One all-reduce of ``(v, -v)`` with MAX gives ``max(v)`` and ``-min(v)``; they agree iff all do.
+    Values must fit in int64.
+    """
+    if not is_distributed():
+        return True
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    both = torch.cat([t, -t])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[: t.numel()], -both[t.numel() :]))
+
+
 def barrier() -> None:
     """Wait for every process (a no-op in one process)."""
     if is_distributed():

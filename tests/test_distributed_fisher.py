@@ -54,9 +54,20 @@ def test_two_processes_match_one_process(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_an_error_on_one_process_stops_every_process() -> None:
     """Without it, the other process would wait in the next all-reduce until gloo's 30-min timeout."""
-    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", timeout=180)
+    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", "label", timeout=180)
     out = proc.stdout
     assert proc.returncode != 0
     assert "rank 1 raised ValueError" in out and "label 7" in out, out + proc.stderr[-2000:]
     assert "rank 0 raised RuntimeError: 1 other process(es) failed" in out, out + proc.stderr[-2000:]
+    assert "finished" not in out
+
+
+@pytest.mark.slow
+def test_processes_whose_plans_differ_with_equal_counts_are_refused() -> None:
+    """Rank 0 hands `query` to the exact path and rank 1 `key`: same sizes, different owners."""
+    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", "plan", timeout=180)
+    out = proc.stdout
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} raised RuntimeError: processes disagree" in out, out + proc.stderr[-2000:]
     assert "finished" not in out

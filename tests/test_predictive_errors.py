@@ -99,6 +99,34 @@ def test_a_label_the_model_cannot_predict_is_refused_whatever_the_fisher_type(fi
         estimate_fisher(mlm, [mb], shape="diag", fisher_type=fisher_type, progress=False)
 
 
+class _Logits(nn.Module):
+    """A 3-class linear model that returns ``{"logits": ...}`` and never reads its labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"logits": self.lin(x)}
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "mc"])
+def test_float_labels_with_a_fraction_are_refused_rather_than_truncated_to_a_class(fisher_type: str) -> None:
+    """1.5 would silently become class 1; whole-number floats are the same class ids as longs."""
+    model = _Logits()
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"categorical labels must be class ids; got a torch.float32 .*likelihood='gaussian'"):
+        estimate_fisher(model, [{"x": x, "labels": torch.tensor([0.0, 1.5, 2.0, 1.0])}], shape="diag",
+                        fisher_type=fisher_type, progress=False)
+    whole = estimate_fisher(model, [{"x": x, "labels": torch.tensor([0.0, 1.0, 2.0, 1.0])}], shape="diag",
+                            fisher_type="empirical", progress=False)
+    ids = estimate_fisher(model, [{"x": x, "labels": torch.tensor([0, 1, 2, 1])}], shape="diag",
+                          fisher_type="empirical", progress=False)
+    for k in ids.diag:
+        torch.testing.assert_close(whole.diag[k], ids.diag[k], rtol=0, atol=0)
+
+
 def test_an_out_of_range_label_where_the_mask_leaves_it_out_is_never_read() -> None:
     """Only positions that count are checked: label 7 under an explicit mask that drops it equals -100 there."""
     model = make_model("tok")

@@ -46,6 +46,7 @@ before the division, so the result does not depend on how the data is sharded.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -57,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_sum_, get_rank, get_world_size, is_main_process
+from ..distributed import all_equal, all_reduce_sum_, get_rank, get_world_size, is_main_process
 from ..enums import FisherType, KFACApprox, Shape
 from .blocks import Curvature, KFACBlock
 from .config import FisherConfig
@@ -739,24 +740,29 @@ class _Estimator:
                 curv.diag[pname] = self.acc.sq[pname] / n_examples
         return curv
 
-    def _check_same_plan(self) -> None:
-        """Refuse to reduce statistics if processes planned differently (their buffers would not line up).
+    def plan_digest(self) -> int:
+        """A 56-bit hash of who owns what: each handler's name, kind and parameters, then the fallback.
 
-        With x = (#K-FAC blocks, #fallback parameters) per rank: all ranks agree iff
-        W Σ x² = (Σ x)², so one all-reduce of (x, x²) decides it.
+        The statistics buffers are laid out in this order, so equal digests mean they line up.
         """
+        h = hashlib.blake2b(digest_size=7)
+        for mname, handler in self.handlers.items():
+            h.update(repr((mname, type(handler).__name__, handler.param_names())).encode())
+        h.update(repr(sorted(self.fallback_params)).encode())
+        return int.from_bytes(h.digest(), "big")
+
+    def _check_same_plan(self) -> None:
+        """Refuse to reduce statistics if processes planned differently (their buffers would not line up)."""
         if get_world_size() < 2:
             return
-        n_kfac = sum(isinstance(h, _KFACLinear) for h in self.handlers.values())
-        x = torch.tensor([n_kfac, len(self.fallback_params)], dtype=torch.float64, device=next(iter(self.params.values())).device)
-        t = torch.cat([x, x * x])
-        all_reduce_sum_([t])
-        if bool((t[2:] * get_world_size() != t[:2] ** 2).any()):
+        device = next(iter(self.params.values())).device
+        if not all_equal([self.plan_digest()], device=device):
+            n_kfac = sum(isinstance(h, _KFACLinear) for h in self.handlers.values())
             raise RuntimeError(
                 "processes disagree on which parameters get K-FAC blocks or the exact per-example path "
                 f"(this rank: {n_kfac} blocks, fallback {sorted(self.fallback_params)[:5]}); the first batch "
-                "of each rank must run the same modules, and every process needs at least one batch (give "
-                "the Fisher at least as many examples as there are processes)."
+                "of each rank must run the same modules in the same way, and every process needs at least "
+                "one batch (give the Fisher at least as many examples as there are processes)."
             )
 
     def _in_kfac(self, pname: str) -> bool:

@@ -65,6 +65,13 @@ class PredictiveOutput:
                         f"labels of shape {tuple(labels.shape)} do not match logits of shape "
                         f"{tuple(self.logits.shape)}: expected {n * p} class ids, one per output position."
                     )
+                if labels.is_floating_point() or labels.is_complex():
+                    if not bool(torch.isfinite(labels).all()) or bool((labels != labels.round()).any()):
+                        raise ValueError(
+                            f"categorical labels must be class ids; got a {labels.dtype} tensor with "
+                            "non-integer values. Pass integer class ids (torch.long), or use "
+                            "likelihood='gaussian' for real-valued targets."
+                        )
                 labels = labels.reshape(n, p).long()
             else:
                 if labels.numel() != z.numel():

@@ -1,7 +1,12 @@
-"""Worker for the 2-process failure test: rank 1's batch holds a label the model cannot predict.
+"""Worker for the 2-process failure tests; the first argument picks what goes wrong.
 
-Run with ``torchrun --nproc_per_node 2 tests/scripts/dist_fisher_error.py``. Every rank must stop
-with an error, without waiting for the failed one in a collective.
+- ``label``: rank 1's batch holds a label the model cannot predict. Every rank must stop with an
+  error, without waiting for the failed one in a collective.
+- ``plan``: a forward hook reads the weight of a same-shaped attention projection a second time,
+  query's on rank 0 and key's on rank 1, so each rank hands a different module to the exact path. The counts agree but the
+  statistics buffers would not line up: every rank must refuse to reduce them.
+
+Run with ``torchrun --nproc_per_node 2 tests/scripts/dist_fisher_error.py label|plan``.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
 from accelerate import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,8 +27,13 @@ def main() -> None:
     state = PartialState(cpu=True)
     model, batches = make_model_and_data()
     mine = batches[state.process_index :: state.num_processes]
-    if state.process_index == 1:
+    mode = sys.argv[1]
+    if mode == "label" and state.process_index == 1:
         mine[0]["labels"][0, 0] = 7  # 3 classes
+    if mode == "plan":
+        proj = ("query", "key")[state.process_index]
+        module = model.bert.encoder.layer[0].attention.self.get_submodule(proj)
+        module.register_forward_hook(lambda m, i, o: o + 0.5 * torch.nn.functional.linear(i[0], m.weight))
     try:
         estimate_fisher(model, mine, shape="kfac", fisher_type="empirical", progress=False)
     except Exception as e:  # noqa: BLE001 - reported for the test to read
