@@ -155,6 +155,23 @@ def test_classifier_fisher_matches_brute_force_per_example_gradients(fisher_type
     torch.testing.assert_close(kfac.kfac["heads.a"].A, a_bar.T @ a_bar / 3, rtol=1e-5, atol=1e-6)
 
 
+def test_classifier_diag_fisher_on_a_batch_mixing_two_heads_matches_brute_force() -> None:
+    """With ``task_id`` mixing heads, each head runs on a subset of the rows, so the heads go to the
+    exact per-example path; the result is still the brute-force diagonal for every parameter."""
+    from oracles import brute_force_diag
+
+    m = _classifier()
+    batch = {**_batch(4, 7, 0), "task_id": torch.tensor([0, 1, 0, 1]), "labels": torch.tensor([0, 4, 2, 1])}
+    for fisher_type in ("exact", "empirical"):
+        diag = estimate_fisher(m, [batch], shape="diag", fisher_type=fisher_type, progress=False,
+                               predictive_fn=classifier_predictive_fn)
+        ref = brute_force_diag(m, [batch], fisher_type)
+        assert set(diag.diag) == set(ref) and {"heads.a.weight", "heads.b.bias"} <= set(ref)
+        scale = max(float(v.abs().max()) for v in ref.values())
+        for name, want in ref.items():
+            torch.testing.assert_close(diag.diag[name], want, rtol=1e-4, atol=1e-7 * scale, msg=f"{fisher_type}: {name}")
+
+
 # ---------------------------------------------------------------------------- bi-encoder
 def _pair_batch() -> dict[str, torch.Tensor]:
     b = _batch(6, 7, 1)
