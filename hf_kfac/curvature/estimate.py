@@ -62,7 +62,7 @@ from ..distributed import all_equal, all_reduce_sum_, get_rank, get_world_size, 
 from ..enums import FisherType, KFACApprox, Shape
 from .blocks import Curvature, KFACBlock
 from .config import FisherConfig
-from .predictive import PredictiveFn, default_predictive_fn, output_vectors
+from .predictive import PredictiveFn, PredictiveOutput, default_predictive_fn, output_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -900,9 +900,12 @@ def estimate_fisher(
     warned: set[str] = set()
     cache: dict = {}
 
+    hooks_on = [True]  # off for the first batch's reference forward (see first_forward)
+    broadcast: set[str] = set()  # modules whose call this batch was expanded over the examples
+
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         handler = est.handlers.get(names[id(module)])
-        if handler is None:  # its parameters went to the exact per-example path
+        if handler is None or not hooks_on[0]:  # its parameters went to the exact per-example path
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(output, Tensor) or not output.requires_grad:
@@ -914,8 +917,11 @@ def estimate_fisher(
             # (1, T, D)): expand it so that its output gradient stays per example.
             # A copy, not a view: the model may change it in place (DeBERTa scales its
             # relative-position projections in place), which a broadcast view cannot take.
+            # The model then sees an (N, ...) output where it made a (1, ...) one; the first batch
+            # checks that this leaves its predictions unchanged (first_forward).
             x = x.expand((batch_n[0],) + tuple(x.shape[1:]))
             output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:])).clone()
+            broadcast.add(handler.name)
         mask = _mask_for(x, masks, is_index)
         if mask is None:
             mid = x.shape[1:] if is_index else x.shape[1:-1]
@@ -932,6 +938,52 @@ def estimate_fisher(
         handler.on_forward(call, cache)
         calls.append(call)
         return replaced
+
+    def forward(batch: Any) -> tuple[PredictiveOutput, Tensor, Tensor | None, Tensor]:
+        calls.clear()
+        cache.clear()
+        broadcast.clear()
+        with torch.enable_grad(), autocast:
+            out = predictive_fn(model, batch)
+        return (out, *out.flat())
+
+    def first_forward(batch: Any) -> tuple[PredictiveOutput, Tensor, Tensor | None, Tensor]:
+        """The hooked forward, checked against a plain one when it expanded broadcast calls.
+
+        Expanding a (1, ...) call to (N, ...) is exact only if the model's output does not depend
+        on that shape (BERT adds its position embeddings: it does not; DeBERTa-v2 repeats its
+        relative-position projections by the batch size: it does). If the predictions change, or the
+        forward fails, those modules go to the exact per-example path and the batch runs again.
+        """
+        try:
+            result = forward(batch)
+        except Exception:
+            if not broadcast:
+                raise
+            result = None
+        if not broadcast:
+            return result  # type: ignore[return-value]
+        if result is not None:
+            hooks_on[0] = False
+            try:
+                with torch.no_grad(), autocast:
+                    z_ref = predictive_fn(model, batch).flat()[0]
+            finally:
+                hooks_on[0] = True
+            z = result[1].detach()
+            tol = 1e-2 if autocast_dtype is not None else 1e-4
+            scale = float(z_ref.abs().max()) if z_ref.numel() else 0.0
+            if z.shape == z_ref.shape and torch.allclose(z, z_ref, rtol=tol, atol=tol * max(scale, 1.0)):
+                return result
+        est._hand_over_modules(
+            set(broadcast),
+            "a call broadcast over the batch whose per-example expansion changes the model's output",
+            "are called once for the whole batch (a (1, ...) input, e.g. DeBERTa-v2's relative-position "
+            "projections) and the model's predictions depend on that call's shape, so it cannot be "
+            "expanded per example",
+        )
+        del result
+        return forward(batch)
 
     names = {id(h.module): n for n, h in est.handlers.items()}
     handles = [
@@ -967,15 +1019,12 @@ def estimate_fisher(
             if config.max_batches is not None and i >= config.max_batches:
                 break
             batch = _to_device(batch, device)
-            calls.clear()
-            cache.clear()
             masks[:] = _position_masks(batch)
             batch_n[0] = _batch_size(batch)
-            with torch.enable_grad(), autocast:
-                out = predictive_fn(model, batch)
-            z, labels, mask = out.flat()
+            out, z, labels, mask = first_forward(batch) if i == 0 else forward(batch)
             n_examples += z.shape[0]
-            if i == 0 and est.check_uses(z, calls):
+            if i == 0:  # first_forward and check_uses may both hand parameters over
+                est.check_uses(z, calls)
                 fallback = list(est.fallback_params.values())
                 fallback_names = list(est.fallback_params)
             _accumulate_kfac_inputs(calls)

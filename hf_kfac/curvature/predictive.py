@@ -143,13 +143,25 @@ def default_predictive_fn(model: nn.Module, batch: Mapping[str, Any]) -> Predict
 
     Works for sequence classification (``(N, C)`` logits; ``problem_type="regression"``
     gives a gaussian likelihood), token classification and masked LM (``(N, T, C)``,
-    ``-100`` ignored) and causal LM (logits and labels shifted by one position).
+    ``-100`` ignored), causal LM (logits and labels shifted by one position) and
+    encoder-decoder LM (T5, BART: p(y_t | x, y_<t) with the decoder fed the shifted ``labels``,
+    as in training, when the batch has no ``decoder_input_ids``).
     """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
     labels = batch.get("labels", batch.get("label"))
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs \
+            and "decoder_inputs_embeds" not in inputs:
+        prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+        if labels is None or prepare is None:
+            raise ValueError(
+                f"{type(model).__name__} is an encoder-decoder model: its Fisher needs the decoder's "
+                "inputs. Put `labels` (the target token ids, -100 for padding) in the batch, or "
+                "`decoder_input_ids`."
+            )
+        inputs["decoder_input_ids"] = prepare(labels=labels)
     out = model(**inputs)
     logits = _get_logits(out)
-    config = getattr(model, "config", None)
     problem_type = getattr(config, "problem_type", None)
     if problem_type == "multi_label_classification":
         raise NotImplementedError(

@@ -1,0 +1,169 @@
+"""Transformers architectures whose forward needs care, each diagonal checked against ``brute_force_diag``.
+
+- A call broadcast over the batch (a ``(1, ...)`` input) is expanded to one row per example so
+  that its output gradient stays per example. That is exact only when the model's predictions do
+  not depend on the call's shape; where they do (DeBERTa-v2 repeats its relative-position
+  projections by the batch size), the module must go to the exact per-example path instead.
+- Encoder-decoder models (T5) need decoder inputs, built from the labels as in training.
+- Causal LMs (OPT) predict the next token: the oracle gets the labels shifted by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from oracles import brute_force_diag
+from torch import nn
+
+from hf_kfac import estimate_fisher
+
+BROADCAST_MSG = "called once for the whole batch"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _assert_matches_brute_force(curv, ref: dict[str, torch.Tensor]) -> None:
+    assert curv.diag.keys() == ref.keys()
+    scale = max(float(v.abs().max()) for v in ref.values())
+    for name in ref:
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-7 * scale, msg=name)
+
+
+def _ids(n: int = 3, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (n, t), generator=g)
+    am = torch.ones_like(ids)
+    am[0, t - 2 :] = 0
+    return ids, am
+
+
+class _SummedBroadcast(nn.Module):
+    """Adds ``proj(base).sum(0)`` to its logits, ``base`` of shape (1, D): expanded to (N, D), the
+    sum would count the call N times, so the predictions change without any error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+        self.head = nn.Linear(4, 3)
+        self.register_buffer("base", torch.randn(1, 4))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(x) + self.proj(self.base).sum(0))
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_a_broadcast_call_whose_expansion_changes_the_predictions_goes_to_the_exact_path(shape: str, caplog) -> None:
+    torch.manual_seed(0)
+    model = _SummedBroadcast()
+    batches = [{"x": torch.randn(5, 4), "labels": torch.randint(0, 3, (5,))} for _ in range(2)]
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    for name in ("proj.weight", "proj.bias"):
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
+    assert BROADCAST_MSG in caplog.text and "proj (Linear)" in caplog.text
+    assert "proj" not in curv.kfac
+
+
+def _deberta_v2(share_att_key: bool) -> nn.Module:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    return DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=60, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_labels=3,
+        relative_attention=True, position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+        share_att_key=share_att_key, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+@pytest.mark.parametrize("share_att_key", [False, True], ids=["own-position-projections", "shared-query-key"])
+def test_deberta_v2_relative_attention_matches_brute_force(share_att_key: bool, caplog) -> None:
+    """Its relative-position projections run on (1, 2k, D) and are repeated by the batch size."""
+    torch.manual_seed(0)
+    model = _deberta_v2(share_att_key).eval()
+    ids, am = _ids()
+    batches = [{"input_ids": ids, "attention_mask": am, "labels": torch.tensor([0, 1, 2])}]
+    for fisher_type in ("empirical", "exact"):
+        with caplog.at_level(logging.WARNING):
+            curv = estimate_fisher(model, batches, shape="diag", fisher_type=fisher_type, progress=False)
+        _assert_matches_brute_force(curv, brute_force_diag(model, batches, fisher_type))
+    assert BROADCAST_MSG in caplog.text
+    kfac = estimate_fisher(model, batches, shape="kfac", fisher_type="exact", progress=False)
+    projections = ("query_proj", "key_proj") if share_att_key else ("pos_query_proj", "pos_key_proj")
+    for proj in projections:
+        name = f"deberta.encoder.layer.0.attention.self.{proj}"
+        assert name not in kfac.kfac and "broadcast over the batch" in kfac.diag_fallbacks[name]
+    assert "deberta.encoder.layer.0.attention.self.value_proj" in kfac.kfac
+
+
+def test_bert_position_embeddings_stay_on_the_fast_path(caplog) -> None:
+    """BERT adds its (1, T, D) position embeddings: expanding them leaves the predictions unchanged."""
+    from oracles import tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=3)).eval()
+    ids, am = _ids()
+    batches = [{"input_ids": ids % 40, "attention_mask": am, "labels": torch.tensor([0, 1, 2])}]
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape="diag", fisher_type="empirical", progress=False)
+    assert BROADCAST_MSG not in caplog.text and "per-example" not in caplog.text
+    _assert_matches_brute_force(curv, brute_force_diag(model, batches, "empirical"))
+
+
+def _t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=60, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0,
+        pad_token_id=0, dropout_rate=0.0))
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "exact"])
+def test_t5_gets_its_decoder_inputs_from_the_labels_and_matches_brute_force(fisher_type: str) -> None:
+    """The decoder reads [start, y_1 .. y_{T-1}] (padding for -100), built here by hand for the oracle."""
+    torch.manual_seed(0)
+    model = _t5().eval()
+    ids, am = _ids()
+    labels = torch.randint(3, 50, (3, 4), generator=torch.Generator().manual_seed(1))
+    labels[1, 2:] = -100
+    batches = [{"input_ids": ids, "attention_mask": am, "labels": labels}]
+    decoder_ids = torch.zeros_like(labels)  # decoder_start_token_id = pad = 0
+    decoder_ids[:, 1:] = labels[:, :-1].clamp_min(0)
+    oracle = [{**batches[0], "decoder_input_ids": decoder_ids}]
+    curv = estimate_fisher(model, batches, shape="diag", fisher_type=fisher_type, progress=False)
+    _assert_matches_brute_force(curv, brute_force_diag(model, oracle, fisher_type))
+    kfac = estimate_fisher(model, batches, shape="kfac", fisher_type=fisher_type, progress=False)
+    assert "decoder.block.0.layer.2.DenseReluDense.wo" in kfac.kfac
+
+
+def test_t5_without_labels_or_decoder_inputs_is_refused_naming_both() -> None:
+    model = _t5()
+    ids, am = _ids()
+    with pytest.raises(ValueError, match=r"encoder-decoder model: .*`labels`.*`decoder_input_ids`"):
+        estimate_fisher(model, [{"input_ids": ids, "attention_mask": am}], shape="diag", fisher_type="mc",
+                        progress=False)
+
+
+def test_opt_causal_lm_matches_brute_force_on_labels_shifted_by_hand() -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(
+        vocab_size=60, hidden_size=16, ffn_dim=24, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16,
+        max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)).eval()
+    ids, am = _ids()
+    labels = ids.masked_fill(am == 0, -100)
+    curv = estimate_fisher(model, [{"input_ids": ids, "attention_mask": am, "labels": labels}], shape="diag",
+                           fisher_type="empirical", progress=False)
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    ref = brute_force_diag(model, [{"input_ids": ids, "attention_mask": am, "labels": shifted}], "empirical")
+    _assert_matches_brute_force(curv, ref)
