@@ -309,6 +309,30 @@ def test_a_second_save_replaces_heads_and_spec_whole_and_a_failed_one_keeps_them
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("stale", ["model.safetensors", "heads.safetensors", "el_model.json"])
+def test_a_folder_holding_parts_of_two_saves_is_refused_at_load(tmp_path, stale: str) -> None:
+    """A save killed after the encoder, or after the heads, leaves one file from the first save among
+    files of the second; el_model.json's SHA-256 of each file makes the load fail instead of mixing them."""
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    m = _classifier(seed=0)
+    m.save_pretrained(first)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01)
+    m.add_task_head("c", ["c1", "c2"])
+    m.save_pretrained(second)
+    assert ELClassifier.from_pretrained(second).task_names == ["a", "b", "c"]
+    shutil.copy2(first / stale, second / stale)
+    with pytest.raises(ValueError, match=r"in '.*second' (differs from the one saved with it|is missing) "
+                                         r"\(el_model.json records its SHA-256\): the folder holds parts of two saves"):
+        ELClassifier.from_pretrained(second)
+    (first / "heads.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"heads.safetensors in '.*first' is missing"):
+        ELClassifier.from_pretrained(first)
+
+
 def test_loading_from_the_hub_fetches_the_root_model_files_only(hub_server, tmp_path) -> None:
     """Whatever the prior's subfolder is called (prior_subfolder), neither it nor checkpoints are downloaded."""
     import shutil

