@@ -972,7 +972,8 @@ def estimate_fisher(
                 hooks_on[0] = True
             z = result[1].detach()
             tol = 1e-2 if autocast_dtype is not None else 1e-4
-            scale = float(z_ref.abs().max()) if z_ref.numel() else 0.0
+            finite = z_ref[torch.isfinite(z_ref)]
+            scale = float(finite.abs().max()) if finite.numel() else 0.0
             if z.shape == z_ref.shape and torch.allclose(z, z_ref, rtol=tol, atol=tol * max(scale, 1.0)):
                 return result
         est._hand_over_modules(
