@@ -309,14 +309,11 @@ def _fingerprint(obj: Any) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a temporary file beside ``path``, flushed to disk, then renamed over it."""
+    """Write JSON atomically (hf_kfac's writer: a temporary file beside ``path``, fsynced, then renamed over it)."""
+    from hf_kfac.serialization import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=1, default=_json_default) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(x: Any) -> Any:
@@ -595,15 +592,15 @@ class MethodRun:
     def _checkpoint_problem(self, state: dict[str, Any]) -> str | None:
         """Why the checkpoint named by ``state`` cannot be resumed from (``None``: it can)."""
         from hf_kfac.el.models import EL_MODEL_FILE
-        from hf_kfac.serialization import PRIOR_CONFIG_NAME
+        from hf_kfac.serialization import DEFAULT_PRIOR_SUBFOLDER, PRIOR_CONFIG_NAME
 
         ckpt = Path(state["checkpoint"])
         if not ckpt.is_dir():
             return "that folder does not exist (deleted, or removed by an interrupted run of an older recipe)"
         if not (ckpt / EL_MODEL_FILE).is_file():
             return f"it holds no {EL_MODEL_FILE} (an incomplete save)"
-        if self.penalty != "none" and not (ckpt / "fisher" / PRIOR_CONFIG_NAME).is_file():
-            return f"it holds no prior (fisher/{PRIOR_CONFIG_NAME}; an incomplete save)"
+        if self.penalty != "none" and not (ckpt / DEFAULT_PRIOR_SUBFOLDER / PRIOR_CONFIG_NAME).is_file():
+            return f"it holds no prior ({DEFAULT_PRIOR_SUBFOLDER}/{PRIOR_CONFIG_NAME}; an incomplete save)"
         return None
 
     def _remove_stale_checkpoints(self, state: dict[str, Any], ckpt: Path) -> None:

@@ -511,7 +511,7 @@ class _Estimator:
         return _KFACLinear(mname, module, w, b, cfg.kfac_approx)
 
     # ------------------------------------------------------ first-batch use check
-    def check_uses(self, z: Tensor, calls: list[_Call]) -> list[str]:
+    def check_uses(self, z: Tensor, calls: list[_Call]) -> None:
         """Hand to the exact fallback every handled parameter read outside its modules' hooked calls.
 
         From the autograd graph of ``z``: uses(θ) = ops that read θ (through view, transpose and
@@ -524,10 +524,10 @@ class _Estimator:
         A module whose class overrides the stock forward (a scaled word embedding, a positional
         embedding that looks up positions instead of its argument) is handed over too unless
         :meth:`_stock_call` finds its output to be the plain op on its input and parameters.
-        ``calls`` is updated in place to the new handlers. Returns the moved parameters.
+        ``calls`` is updated in place to the new handlers.
         """
         if z.grad_fn is None or not self.handlers:
-            return []
+            return
         by_id = {id(self.params[p]): p for h in self.handlers.values() for p in h.param_names()}
         seen, consumers = _graph(z.grad_fn)
         uses: dict[str, set] = {}
@@ -583,16 +583,15 @@ class _Estimator:
              "have their output modified in place after their forward call (e.g. `h = lin(x); h *= 2`), so "
              "the output gradient a hook sees is not the layer's"),
         ):
-            moved += self._hand_over_modules(modules, reason, why)
+            moved += self.hand_over_modules(modules, reason, why)
         if not moved:
-            return []
+            return
         kept = [c for c in calls if c.handler.name in self.handlers]
         for c in kept:
             c.handler = self.handlers[c.handler.name]
         calls[:] = kept
-        return moved
 
-    def _hand_over_modules(self, modules: set[str], reason: str, why: str) -> list[str]:
+    def hand_over_modules(self, modules: set[str], reason: str, why: str) -> list[str]:
         """Give every parameter of the still-handled ``modules`` to the exact path, with a warning; returns them."""
         names = sorted(modules & set(self.handlers))
         if not names:
@@ -976,7 +975,7 @@ def estimate_fisher(
             scale = float(finite.abs().max()) if finite.numel() else 0.0
             if z.shape == z_ref.shape and torch.allclose(z, z_ref, rtol=tol, atol=tol * max(scale, 1.0)):
                 return result
-        est._hand_over_modules(
+        est.hand_over_modules(
             set(broadcast),
             "a call broadcast over the batch whose per-example expansion changes the model's output",
             "are called once for the whole batch (a (1, ...) input, e.g. DeBERTa-v2's relative-position "

@@ -65,7 +65,7 @@ class PredictiveOutput:
                         f"labels of shape {tuple(labels.shape)} do not match logits of shape "
                         f"{tuple(self.logits.shape)}: expected {n * p} class ids, one per output position."
                     )
-                if labels.is_floating_point() or labels.is_complex():
+                if labels.is_floating_point():
                     if not bool(torch.isfinite(labels).all()) or bool((labels != labels.round()).any()):
                         raise ValueError(
                             f"categorical labels must be class ids; got a {labels.dtype} tensor with "

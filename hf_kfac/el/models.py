@@ -39,8 +39,8 @@ formulation, pooling, temperature and every head's task name and concept-id list
 (``heads.<task>.weight``). ``el_model.json`` is written last and records the SHA-256 of
 the encoder's config and weights and of the heads, so a folder left holding parts of two
 saves (one interrupted midway) is refused at load rather than mixed.
-``ELClassifier.from_pretrained(folder)`` (or :func:`load_el_model`) restores the whole model. Parameter names of the model object are
-``encoder.<encoder parameter>`` and ``heads.<task>.weight|bias`` both when trained and when
+``ELClassifier.from_pretrained(folder)`` (or :func:`load_el_model`) restores the whole model.
+Parameter names of the model object are ``encoder.<encoder parameter>`` and ``heads.<task>.weight|bias`` both when trained and when
 re-loaded, so a prior saved from the trained model passes ``Prior.check_compatible`` on
 the re-loaded one.
 """
@@ -62,7 +62,7 @@ from transformers.utils import ModelOutput
 
 from ..curvature.predictive import PredictiveOutput
 from ..hub import prior_file_patterns
-from ..serialization import save_safetensors_atomic, write_json_atomic
+from ..serialization import save_safetensors_atomic, sha256_file, write_json_atomic
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -207,21 +207,13 @@ def _model_files(folder: Path) -> list[str]:
     return names
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_files(folder: Path, expected: Mapping[str, str] | None) -> None:
     """Refuse a folder whose files are not the ones its ``el_model.json`` was written with."""
     if not expected:  # saved before hf_kfac recorded digests
         return
     for name, digest in expected.items():
         path = folder / name
-        found = _sha256(path) if path.is_file() else None
+        found = sha256_file(path) if path.is_file() else None
         if found != digest:
             what = "is missing" if found is None else "differs from the one saved with it"
             raise ValueError(
@@ -335,7 +327,7 @@ class _ELModel(PreTrainedModel):
         # written last, with the SHA-256 of the files it goes with: a folder left with parts of two
         # saves (one interrupted after the encoder or the heads) is refused at load, not mixed
         spec = self._el_dict()
-        spec[FILES_SHA256_KEY] = {name: _sha256(folder / name) for name in _model_files(folder)}
+        spec[FILES_SHA256_KEY] = {name: sha256_file(folder / name) for name in _model_files(folder)}
         write_json_atomic(folder / EL_MODEL_FILE, spec)
 
     @classmethod
