@@ -4,7 +4,10 @@
   that its output gradient stays per example. That is exact only when the model's predictions do
   not depend on the call's shape; where they do (DeBERTa-v2 repeats its relative-position
   projections by the batch size), the module must go to the exact per-example path instead.
-- Encoder-decoder models (T5) need decoder inputs, built from the labels as in training.
+- Encoder-decoder models (T5) need decoder inputs, built from the labels as in training, and each
+  call's positions masked by its own side's padding.
+- A module whose rows are not the examples (a (T, T) relative-position grid with T = N, rows the
+  model reorders) must not be taken for per-example, whatever its shape.
 - Causal LMs (OPT) predict the next token: the oracle gets the labels shifted by hand.
 """
 
@@ -21,6 +24,7 @@ from torch import nn
 from hf_kfac import estimate_fisher
 
 BROADCAST_MSG = "called once for the whole batch"
+ROWS_MSG = "rows are not the batch's examples"
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +146,90 @@ def test_t5_gets_its_decoder_inputs_from_the_labels_and_matches_brute_force(fish
     _assert_matches_brute_force(curv, brute_force_diag(model, oracle, fisher_type))
     kfac = estimate_fisher(model, batches, shape="kfac", fisher_type=fisher_type, progress=False)
     assert "decoder.block.0.layer.2.DenseReluDense.wo" in kfac.kfac
+
+
+def _t5_padded_batch(n: int, t: int, length: int) -> tuple[dict, list[dict]]:
+    """A right-padded T5 batch (encoder lengths t, t-1, t-2, ...; label lengths length-1, length-2, length, ...)
+    and the same examples one per batch, unpadded."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (n, t), generator=g)
+    labels = torch.randint(3, 50, (n, length), generator=g)
+    am = torch.ones_like(ids)
+    lens = [t - i % 3 for i in range(n)]
+    label_lens = [length - (i + 1) % 3 for i in range(n)]
+    for i in range(n):
+        am[i, lens[i]:] = 0
+        ids[i, lens[i]:] = 0
+        labels[i, label_lens[i]:] = -100
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    alone = [{"input_ids": ids[i:i + 1, :lens[i]], "attention_mask": am[i:i + 1, :lens[i]],
+              "labels": labels[i:i + 1, :label_lens[i]]} for i in range(n)]
+    return batch, alone
+
+
+@pytest.mark.parametrize("n,t,length", [(3, 6, 4), (6, 6, 6)], ids=["lengths-differ", "batch-and-lengths-equal"])
+def test_t5_kfac_of_a_padded_batch_equals_kfac_of_each_example_alone(n: int, t: int, length: int) -> None:
+    """Decoder positions are masked by the decoder's padding (labels -100 here), encoder positions by the
+    attention mask, and the cross-attention keys/values by the encoder's: then padding changes nothing.
+    With N = T = T_dec every mask fits every module by shape, so only knowing which side a call is on works."""
+    torch.manual_seed(0)
+    model = _t5().eval()
+    batch, alone = _t5_padded_batch(n, t, length)
+    padded = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", progress=False)
+    ref = estimate_fisher(model, alone, shape="kfac", fisher_type="empirical", progress=False)
+    assert padded.kfac.keys() == ref.kfac.keys() and padded.diag.keys() == ref.diag.keys()
+    assert "decoder.block.0.layer.1.EncDecAttention.k" in padded.kfac
+    for name, block in padded.kfac.items():
+        for factor in ("A", "G"):
+            r = getattr(ref.kfac[name], factor)
+            torch.testing.assert_close(getattr(block, factor), r, rtol=1e-4, atol=1e-6 * float(r.abs().max()),
+                                       msg=f"{name}.{factor}")
+    for name, d in padded.diag.items():
+        torch.testing.assert_close(d, ref.diag[name], rtol=1e-4, atol=1e-7 * float(ref.diag[name].abs().max()),
+                                   msg=name)
+
+
+def test_t5_diagonal_matches_brute_force_when_the_batch_size_equals_the_sequence_lengths(caplog) -> None:
+    """Its relative-position bias is looked up on a (T, T) grid: with T = N the rows look like examples."""
+    torch.manual_seed(0)
+    model = _t5().eval()
+    batch, _ = _t5_padded_batch(6, 6, 6)
+    decoder_ids = torch.zeros_like(batch["labels"])
+    decoder_ids[:, 1:] = batch["labels"][:, :-1].clamp_min(0)
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, [batch], shape="diag", fisher_type="empirical", progress=False)
+    _assert_matches_brute_force(curv, brute_force_diag(model, [{**batch, "decoder_input_ids": decoder_ids}],
+                                                       "empirical"))
+    assert ROWS_MSG in caplog.text and "encoder.block.0.layer.0.SelfAttention.relative_attention_bias" in caplog.text
+
+
+class _ReversedRows(nn.Module):
+    """Normalises the examples in reverse order and reverses them back: the LayerNorm's row r is
+    example N-1-r, which no shape shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(self.norm(x.flip(0)).flip(0)))
+
+
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_a_module_whose_rows_are_not_in_example_order_goes_to_the_exact_path(shape: str, caplog) -> None:
+    torch.manual_seed(0)
+    model = _ReversedRows()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    batches = [{"x": torch.randn(5, 4) * torch.arange(1, 6.0).unsqueeze(1), "labels": torch.randint(0, 3, (5,))}]
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    for name in ("norm.weight", "norm.bias"):
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
+    assert ROWS_MSG in caplog.text and "norm (LayerNorm)" in caplog.text
 
 
 def test_t5_without_labels_or_decoder_inputs_is_refused_naming_both() -> None:

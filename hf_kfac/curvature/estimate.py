@@ -39,7 +39,12 @@ each call separately, so A = (1/(C·N)) Σ_{c,n} ā_nc ā_ncᵀ and G = (1/N) Σ
 Neither is exact for C > 1 (the exact block has cross-call terms); the diagonal is.
 
 Positions where the batch's attention mask is 0 are dropped from every sum, and output
-positions whose label is -100 give v = 0. Sums and counts are all-reduced over processes
+positions whose label is -100 give v = 0. In an encoder-decoder model, calls inside the decoder
+(and after it: the LM head) take the decoder's mask (``decoder_attention_mask``, or without one
+``labels != -100``), the rest, and the cross-attention keys/values that read the encoder's hidden
+states, the encoder's. A module whose rows are not the examples (a (T, T) relative-position grid;
+rows the model reorders) is found on the first batch, by row count or because example 0's outputs
+depend on another of its rows, and goes to the exact per-example path. Sums and counts are all-reduced over processes
 before the division, so the result does not depend on how the data is sharded.
 """
 
@@ -523,7 +528,8 @@ class _Estimator:
 
         A module whose class overrides the stock forward (a scaled word embedding, a positional
         embedding that looks up positions instead of its argument) is handed over too unless
-        :meth:`_stock_call` finds its output to be the plain op on its input and parameters.
+        :meth:`_stock_call` finds its output to be the plain op on its input and parameters, and so
+        is a diagonal handler whose rows are not the examples (:meth:`_cross_example_calls`).
         ``calls`` is updated in place to the new handlers.
         """
         if z.grad_fn is None or not self.handlers:
@@ -561,6 +567,7 @@ class _Estimator:
                 n_calls[p] = n_calls.get(p, 0) + 1
             if _stock_forward_type(call.handler.module) is None and not self._stock_call(call, uses):
                 custom.add(call.handler.name)
+        unbatched |= self._cross_example_calls(z, [c for c in calls if c.handler.name not in unbatched])
         moved = sorted(p for p, u in uses.items() if len(u) > n_calls.get(p, 0))
         if moved:
             self.move_to_fallback(set(moved), "weight read outside the module's forward call")
@@ -577,8 +584,9 @@ class _Estimator:
              "their input (e.g. a scaled word embedding, a positional embedding that looks up positions, not "
              "its argument)"),
             (unbatched, "it runs on a tensor whose rows are not the batch's examples",
-             "run on a tensor whose first dimension is not the batch's examples (e.g. a relative-position "
-             "bias looked up on a (T, T) bucket grid)"),
+             "run on a tensor whose rows are not the batch's examples (a relative-position bias looked up on "
+             "a (T, T) bucket grid, rows the model permutes or mixes: their count is not N, or example 0's "
+             "outputs depend on another row)"),
             (modified, "its output is modified in place after the call",
              "have their output modified in place after their forward call (e.g. `h = lin(x); h *= 2`), so "
              "the output gradient a hook sees is not the layer's"),
@@ -590,6 +598,33 @@ class _Estimator:
         for c in kept:
             c.handler = self.handlers[c.handler.name]
         calls[:] = kept
+
+    @staticmethod
+    def _cross_example_calls(z: Tensor, calls: list[_Call]) -> set[str]:
+        """Diagonal handlers with an output row r ≠ 0 that example 0's outputs depend on.
+
+        A call whose rows are the examples has ∂⟨v, z_0⟩/∂s_r = 0 for every r ≠ 0. Rows that are
+        not the examples but happen to number N (a (T, T) relative-position grid when T = N, rows
+        the model permutes or mixes) fail that, and their per-row products would be wrong
+        per-example gradients. One extra backward pass, on the first batch only.
+        """
+        n = z.shape[0]
+        calls = [c for c in calls if c.mask.shape[0] == n and not isinstance(c.handler, _KFACLinear)]
+        if n < 2 or not calls or z.grad_fn is None:
+            return set()
+        v = torch.zeros_like(z)
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        v[0] = torch.randn(z.shape[1:], generator=gen, device=z.device, dtype=torch.float32).to(z.dtype)
+        grads = torch.autograd.grad(z, [c.out for c in calls], grad_outputs=v, retain_graph=True, allow_unused=True)
+        found: set[str] = set()
+        for call, g in zip(calls, grads):
+            if g is None:
+                continue
+            g = g.detach().float().reshape(n, -1)
+            own, rest = g[0].abs().max(), g[1:].abs().max()
+            if not bool(rest <= 1e-5 * own):  # also true for NaN
+                found.add(call.handler.name)
+        return found
 
     def hand_over_modules(self, modules: set[str], reason: str, why: str) -> list[str]:
         """Give every parameter of the still-handled ``modules`` to the exact path, with a warning; returns them."""
@@ -795,11 +830,52 @@ def _accumulate_kfac_inputs(calls: list[_Call]) -> None:
             c.handler.add_input_stats(aat, rows, asum)  # type: ignore[union-attr]
 
 
-def _position_masks(batch: Any) -> list[Tensor]:
-    """Candidate (N, T) masks of the batch: every 2-D tensor whose key ends in ``attention_mask``."""
+def _position_masks(batch: Any, encoder_decoder: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    """Candidate (N, T) position masks of the batch: (encoder side, decoder side).
+
+    Every 2-D tensor whose key ends in ``attention_mask``. For an encoder-decoder model the
+    ``decoder_*`` ones belong to the decoder; without one, decoder position t counts where
+    ``labels[:, t] != -100`` (its output has a label; only padding follows the last one).
+    For any other model both lists hold every mask.
+    """
     if not isinstance(batch, Mapping):
-        return []
-    return [v.bool() for k, v in batch.items() if k.endswith("attention_mask") and isinstance(v, Tensor) and v.dim() == 2]
+        return [], []
+    found = [(k, v.bool()) for k, v in batch.items()
+             if k.endswith("attention_mask") and isinstance(v, Tensor) and v.dim() == 2]
+    if not encoder_decoder:
+        masks = [v for _, v in found]
+        return masks, masks
+    encoder = [v for k, v in found if not k.startswith("decoder_")]
+    decoder = [v for k, v in found if k.startswith("decoder_")]
+    labels = batch.get("labels")
+    if not decoder and isinstance(labels, Tensor) and labels.dim() == 2 and not labels.is_floating_point():
+        decoder = [labels != -100]
+    return encoder, decoder
+
+
+def _encoder_decoder(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The (encoder, decoder) stacks of a transformers encoder-decoder model, else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    try:
+        encoder, decoder = model.get_encoder(), model.get_decoder()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    if isinstance(encoder, nn.Module) and isinstance(decoder, nn.Module) and encoder is not decoder:
+        return encoder, decoder
+    return None
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    """A stack's hidden states: ``last_hidden_state``, or the first element of a tuple output."""
+    if isinstance(output, Tensor):
+        return output
+    h = getattr(output, "last_hidden_state", None)
+    if isinstance(h, Tensor):
+        return h
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
 
 
 def _batch_size(batch: Any) -> int:
@@ -894,9 +970,13 @@ def estimate_fisher(
     generator = torch.Generator(device=device).manual_seed(config.seed + get_rank())
 
     calls: list[_Call] = []
-    masks: list[Tensor] = []
+    masks: list[list[Tensor]] = [[], []]  # candidate position masks: encoder side, decoder side
+    stacks = _encoder_decoder(model)
+    phase = [0]  # 1 while the decoder stack (and what follows it, the LM head) runs
+    encoder_out: list[Tensor | None] = [None]  # the encoder's hidden states (cross-attention keys/values)
     batch_n = [0]
     warned: set[str] = set()
+    unmasked: dict[str, tuple] = {}  # first batch: modules with no fitting mask, reported once its plan is final
     cache: dict = {}
 
     hooks_on = [True]  # off for the first batch's reference forward (see first_forward)
@@ -911,6 +991,8 @@ def estimate_fisher(
             return None
         is_index = isinstance(module, nn.Embedding)
         replaced = None
+        enc = encoder_out[0]
+        side = phase[0] and not (enc is not None and x.data_ptr() == enc.data_ptr() and x.shape == enc.shape)
         if x.shape[0] == 1 and batch_n[0] > 1 and output.shape[0] == 1:
             # A call broadcast over the batch (e.g. BERT's position embeddings of shape
             # (1, T, D)): expand it so that its output gradient stays per example.
@@ -921,18 +1003,14 @@ def estimate_fisher(
             x = x.expand((batch_n[0],) + tuple(x.shape[1:]))
             output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:])).clone()
             broadcast.add(handler.name)
-        mask = _mask_for(x, masks, is_index)
+        mask = _mask_for(x, masks[side], is_index)
         if mask is None:
             mid = x.shape[1:] if is_index else x.shape[1:-1]
             n = x.shape[0]
             mask = torch.ones(n, math.prod(mid), dtype=torch.bool, device=x.device)
             if handler.name not in warned:
                 warned.add(handler.name)
-                logger.warning(
-                    "No attention mask of shape %s found in the batch for module %r; every position counts.",
-                    (n,) + tuple(mid),
-                    handler.name,
-                )
+                unmasked[handler.name] = (n,) + tuple(mid)
         call = _Call(handler, x.detach(), output, mask, output._version)
         handler.on_forward(call, cache)
         calls.append(call)
@@ -942,6 +1020,7 @@ def estimate_fisher(
         calls.clear()
         cache.clear()
         broadcast.clear()
+        phase[0], encoder_out[0] = 0, None
         with torch.enable_grad(), autocast:
             out = predictive_fn(model, batch)
         return (out, *out.flat())
@@ -989,6 +1068,23 @@ def estimate_fisher(
     handles = [
         h.module.register_forward_hook(hook, with_kwargs=True) for h in est.handlers.values()
     ]
+    if stacks is not None:
+        # decoder-side calls take the decoder's positions (and mask); the cross-attention
+        # keys/values, fed the encoder's hidden states, keep the encoder's
+        def enter(side: int) -> Any:
+            def pre_hook(module: nn.Module, args: tuple) -> None:
+                phase[0] = side
+
+            return pre_hook
+
+        def encoder_done(module: nn.Module, args: tuple, output: Any) -> None:
+            encoder_out[0] = _first_tensor(output)
+
+        handles += [
+            stacks[0].register_forward_pre_hook(enter(0)),
+            stacks[1].register_forward_pre_hook(enter(1)),
+            stacks[0].register_forward_hook(encoder_done),
+        ]
     was_training = model.training
     model.eval()
     n_examples = torch.zeros((), dtype=torch.float64, device=device)
@@ -1019,7 +1115,7 @@ def estimate_fisher(
             if config.max_batches is not None and i >= config.max_batches:
                 break
             batch = _to_device(batch, device)
-            masks[:] = _position_masks(batch)
+            masks[:] = _position_masks(batch, stacks is not None)
             batch_n[0] = _batch_size(batch)
             out, z, labels, mask = first_forward(batch) if i == 0 else forward(batch)
             n_examples += z.shape[0]
@@ -1027,6 +1123,14 @@ def estimate_fisher(
                 est.check_uses(z, calls)
                 fallback = list(est.fallback_params.values())
                 fallback_names = list(est.fallback_params)
+            for name, shape in unmasked.items():
+                if name in est.handlers:  # a module handed over has no positions to mask
+                    logger.warning(
+                        "No attention mask of shape %s found in the batch for module %r; every position counts.",
+                        shape,
+                        name,
+                    )
+            unmasked.clear()
             _accumulate_kfac_inputs(calls)
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
