@@ -666,6 +666,9 @@ class ContinualTrainer(Trainer):
             "global_step": int(self.state.global_step),
             "num_processes": int(self.accelerator.num_processes),
         }
+        base = _hub_name_of(model)
+        if prior.num_tasks == 0 and base is not None:
+            meta["base_model"] = base  # the model cards of every later update name it, not the update's own repo
         meta.update(meta_in)
         n = n_examples if n_examples is not None else size
         record = prior.add_task(model, curvature, name, n, meta)
@@ -755,7 +758,7 @@ class ContinualTrainer(Trainer):
             model_name=model_name,
             model_class=type(self._unwrapped()).__name__,
             model_module=type(self._unwrapped()).__module__,
-            base_model=finetuned_from or _hub_name_of(self._unwrapped()),
+            base_model=finetuned_from or _base_model(self.prior, self._unwrapped(), repo_id),
             penalty=str(self.args.penalty),
             prior_subfolder=self.args.prior_subfolder,
             tags=[tags] if isinstance(tags, str) else list(tags or []),
@@ -764,6 +767,17 @@ class ContinualTrainer(Trainer):
             **extra,
         )
 
+
+
+def _base_model(prior: Prior, model: nn.Module, repo_id: str) -> str | None:
+    """The Hub model the task sequence started from: recorded with the first task, else the id the model
+    was loaded from, unless that is the repo being written (a model continued from its own repo)."""
+    for task in prior.tasks:
+        base = (task.metadata or {}).get("base_model")
+        if isinstance(base, str) and base:
+            return base
+    base = _hub_name_of(model)
+    return None if base == repo_id else base
 
 
 def _hub_name_of(model: nn.Module) -> str | None:

@@ -232,6 +232,30 @@ def test_a_module_whose_rows_are_not_in_example_order_goes_to_the_exact_path(sha
     assert ROWS_MSG in caplog.text and "norm (LayerNorm)" in caplog.text
 
 
+@pytest.mark.parametrize("n", [3, 4])
+def test_bart_matches_brute_force_for_batch_sizes_that_do_and_do_not_divide_its_position_table(n: int) -> None:
+    """BART's learned positions are looked up without a batch dimension, (T, D), whatever N is."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig(
+        vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)).eval()
+    ids, am = _ids(n, 6)
+    labels = torch.randint(3, 50, (n, 5), generator=torch.Generator().manual_seed(1))
+    labels[1, 3:] = -100
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    decoder_ids = torch.full_like(labels, 2)  # decoder_start_token_id, then the labels shifted (-100 -> pad)
+    decoder_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, 1)
+    curv = estimate_fisher(model, [batch], shape="diag", fisher_type="empirical", progress=False)
+    _assert_matches_brute_force(curv, brute_force_diag(model, [{**batch, "decoder_input_ids": decoder_ids}],
+                                                       "empirical"))
+    kfac = estimate_fisher(model, [batch], shape="kfac", fisher_type="mc", progress=False)
+    assert "model.decoder.layers.0.fc2" in kfac.kfac
+
+
 def test_t5_without_labels_or_decoder_inputs_is_refused_naming_both() -> None:
     model = _t5()
     ids, am = _ids()

@@ -55,8 +55,9 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_push_then_continue_from_the_repo(hub: Any, tmp_path: Path) -> None:
-    repo = "test-user/el-disease"
-    model = make_model("seq")
+    repo, base = "test-user/el-disease", "test-user/tiny-encoder"
+    make_model("seq").push_to_hub(base, token=SECRET)
+    model = AutoModelForSequenceClassification.from_pretrained(base)
     trainer = ContinualTrainer(model=model, args=_args(tmp_path / "a", repo), train_dataset=make_dataset("seq", 8))
     trainer.train()
     trainer.consolidate(task_name="diseases", metadata={"accuracy": 0.8})
@@ -64,7 +65,7 @@ def test_push_then_continue_from_the_repo(hub: Any, tmp_path: Path) -> None:
     files = set(hub.list_files(repo))
     assert {"config.json", "model.safetensors", "README.md", "fisher/prior_config.json", "fisher/prior.safetensors"} <= files
     card = ModelCard(hub.read_file(repo, "README.md").decode())
-    assert card.data.library_name == "hf_kfac" and "diseases" in card.text
+    assert card.data.library_name == "hf_kfac" and "diseases" in card.text and card.data.base_model == base
 
     # months later, another team: the model and the prior come from the Hub, the old data does not
     model_b = AutoModelForSequenceClassification.from_pretrained(repo)
@@ -80,6 +81,8 @@ def test_push_then_continue_from_the_repo(hub: Any, tmp_path: Path) -> None:
     assert [t.name for t in pushed.tasks] == ["diseases", "drugs"]
     text = hub.read_file(repo, "README.md").decode()
     assert "| 1 | diseases |" in text and "| 2 | drugs |" in text
+    # the update was loaded from `repo` itself: the card still names the model the sequence started from
+    assert ModelCard(text).data.base_model == base
 
 
 def test_failed_push_keeps_local_files_and_a_retry_succeeds(hub: Any, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ Every error must say what is wrong (the check matches the message), raised by ``
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,6 +126,21 @@ def test_float_labels_with_a_fraction_are_refused_rather_than_truncated_to_a_cla
                           fisher_type="empirical", progress=False)
     for k in ids.diag:
         torch.testing.assert_close(whole.diag[k], ids.diag[k], rtol=0, atol=0)
+
+
+def test_a_bad_batch_for_a_model_with_broadcast_calls_raises_its_own_error_and_hands_nothing_over(caplog) -> None:
+    """BERT's position embeddings are expanded on the first batch; a batch the plain model rejects too must
+    get the real error, not a hand-over of those embeddings blamed on the expansion."""
+    from oracles import tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=3))
+    batch = {"input_ids": torch.randint(0, 40, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long),
+             "labels": torch.tensor([0.5, 1.0, 2.0, 0.0])}
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="categorical labels must be class ids"):
+        estimate_fisher(model, [batch], shape="diag", fisher_type="mc", progress=False)
+    assert "called once for the whole batch" not in caplog.text
 
 
 def test_an_out_of_range_label_where_the_mask_leaves_it_out_is_never_read() -> None:

@@ -609,7 +609,8 @@ class _Estimator:
         per-example gradients. One extra backward pass, on the first batch only.
         """
         n = z.shape[0]
-        calls = [c for c in calls if c.mask.shape[0] == n and not isinstance(c.handler, _KFACLinear)]
+        calls = [c for c in calls if c.mask.shape[0] == n and c.out.dim() > 0 and c.out.shape[0] == n
+                 and not isinstance(c.handler, _KFACLinear)]
         if n < 2 or not calls or z.grad_fn is None:
             return set()
         v = torch.zeros_like(z)
@@ -1033,21 +1034,26 @@ def estimate_fisher(
         relative-position projections by the batch size: it does). If the predictions change, or the
         forward fails, those modules go to the exact per-example path and the batch runs again.
         """
+        failed: Exception | None = None
         try:
             result = forward(batch)
-        except Exception:
+        except Exception as e:
             if not broadcast:
                 raise
-            result = None
+            result, failed = None, e
         if not broadcast:
             return result  # type: ignore[return-value]
+        hooks_on[0] = False
+        try:
+            with torch.no_grad(), autocast:
+                z_ref = predictive_fn(model, batch).flat()[0]
+        except Exception:
+            if failed is not None:  # the plain forward fails too: not the expansion's doing
+                raise failed from None
+            raise
+        finally:
+            hooks_on[0] = True
         if result is not None:
-            hooks_on[0] = False
-            try:
-                with torch.no_grad(), autocast:
-                    z_ref = predictive_fn(model, batch).flat()[0]
-            finally:
-                hooks_on[0] = True
             z = result[1].detach()
             tol = 1e-2 if autocast_dtype is not None else 1e-4
             finite = z_ref[torch.isfinite(z_ref)]
