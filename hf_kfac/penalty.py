@@ -180,29 +180,7 @@ class _PenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lam: float, terms: "QuadraticPenalty", names: list[str], *params: Tensor) -> Tensor:  # type: ignore[override]
-        by_name = dict(zip(names, params))
-        grads: dict[str, Tensor] = {}
-        value = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
-
-        def add(name: str, g: Tensor) -> None:
-            grads[name] = grads[name] + g if name in grads else g
-
-        for t in terms.kfac:
-            res = t.apply(by_name[t.weight], by_name[t.bias] if t.bias is not None else None)
-            if res is None:
-                continue
-            v, gw, gb = res
-            value = value + v
-            add(t.weight, gw)
-            if gb is not None and t.bias is not None:
-                add(t.bias, gb)
-        for t in terms.diag:
-            res = t.apply(by_name[t.param])
-            if res is None:
-                continue
-            v, g = res
-            value = value + v
-            add(t.param, g)
+        value, grads = terms.evaluate(dict(zip(names, params)))
         ctx.lam = lam
         ctx.names = names
         ctx.dtypes = [p.dtype for p in params]
@@ -217,9 +195,8 @@ class _PenaltyFunction(torch.autograd.Function):
         unit = scale.device.type == "cpu" and float(scale) == 1.0
         for name, dtype in zip(ctx.names, ctx.dtypes):
             g = ctx.grads.get(name)
-            # the buffers were made in forward for this call only: scale them in place
-            out.append(None if g is None else (g if unit else g.mul_(scale)).to(dtype))
-        ctx.grads = None
+            # out of place: a graph kept with retain_graph=True may be run backward again
+            out.append(None if g is None else (g if unit else g * scale).to(dtype))
         return (None, None, None, *out)
 
 
@@ -230,23 +207,89 @@ class QuadraticPenalty:
         self.kfac = kfac
         self.diag = diag
         names: list[str] = []
+        shapes: dict[str, tuple[int, ...]] = {}
         for t in kfac:
             names.append(t.weight)
+            d_out, d_in = t.anchor.shape
+            shapes[t.weight] = (d_out, d_in - (t.bias is not None))
             if t.bias is not None:
                 names.append(t.bias)
-        names += [t.param for t in diag]
+                shapes[t.bias] = (d_out,)
+        for t in diag:
+            names.append(t.param)
+            shapes[t.param] = tuple(t.anchor.shape)
         self.names = list(dict.fromkeys(names))
+        self.shapes = shapes
+
+    def _check(self, params: dict[str, Tensor]) -> None:
+        """Every covered parameter exists with the prior's shape (a Linear's weight may be stored transposed
+        nowhere: the anchor holds it as the module does)."""
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            prefixes = [p for p in ("_orig_mod.", "module.") if any(k.startswith(p) for k in params)]
+            hint = (
+                f" The model's parameter names start with {prefixes[0]!r}: pass the unwrapped model "
+                "(`model._orig_mod` for torch.compile, `model.module` for DDP, or accelerator.unwrap_model(model))."
+                if prefixes
+                else " Was the prior made for another architecture?"
+            )
+            raise KeyError(
+                f"the prior covers parameter {missing[0]!r}, which the model does not have "
+                f"({len(missing)} missing in all).{hint}"
+            )
+        for n in self.names:
+            if tuple(params[n].shape) != self.shapes[n]:
+                raise ValueError(
+                    f"parameter {n!r} has shape {list(params[n].shape)} in the model but {list(self.shapes[n])} in "
+                    "the prior: the prior was made for a model with another layer size (a head with another number "
+                    "of labels, a resized vocabulary). Give a changed layer a new name, or start a new prior."
+                )
+
+    def evaluate(self, params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(Σ ½⟨Δ, FΔ⟩, {name: FΔ}) in float32, without a graph; terms with Δ = 0 are left out."""
+        grads: dict[str, Tensor] = {}
+        first = next(iter(params.values()), None)
+        value = torch.zeros((), dtype=torch.float32, device=first.device if first is not None else None)
+
+        def add(name: str, g: Tensor) -> None:
+            grads[name] = grads[name] + g if name in grads else g
+
+        with torch.no_grad():
+            for t in self.kfac:
+                res = t.apply(params[t.weight], params[t.bias] if t.bias is not None else None)
+                if res is None:
+                    continue
+                v, gw, gb = res
+                value = value + v
+                add(t.weight, gw)
+                if gb is not None and t.bias is not None:
+                    add(t.bias, gb)
+            for t in self.diag:
+                res = t.apply(params[t.param])
+                if res is None:
+                    continue
+                v, g = res
+                value = value + v
+                add(t.param, g)
+        return value, grads
+
+    def value_and_grads(self, params: dict[str, Tensor] | nn.Module) -> tuple[Tensor, dict[str, Tensor]]:
+        """½ Σ (θ − θ*)ᵀ F (θ − θ*) and its gradient F (θ − θ*) per parameter, float32, with no graph.
+
+        For a training loop that adds the gradient to ``p.grad`` itself (ContinualTrainer does, after
+        the task loss's backward, so that data-parallel wrappers never see the penalty).
+        """
+        if isinstance(params, nn.Module):
+            params = dict(params.named_parameters())
+        self._check(params)
+        with torch.autocast(device_type=next(iter(params.values())).device.type if params else "cpu", enabled=False):
+            return self.evaluate({n: params[n] for n in self.names})
 
     def __call__(self, params: dict[str, Tensor] | nn.Module, lam: float) -> Tensor:
         """½ λ Σ (θ − θ*)ᵀ F (θ − θ*) with its closed-form gradient attached."""
         if isinstance(params, nn.Module):
             params = dict(params.named_parameters())
-        missing = [n for n in self.names if n not in params]
-        if missing:
-            raise KeyError(
-                f"the prior covers parameter {missing[0]!r}, which the model does not have "
-                f"({len(missing)} missing in all). Was the prior made for another architecture?"
-            )
+        self._check(params)
         tensors = [params[n] for n in self.names]
         if not tensors:
             return torch.zeros(())

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from transformers import Trainer
@@ -209,6 +210,8 @@ class ContinualTrainer(Trainer):
         self.predictive_fn: PredictiveFn | None = predictive_fn
         self.prior: Prior | None = None
         self._penalty_sum: Tensor | None = None
+        self._in_training_step = False
+        self._pending_penalty_grads: dict[str, Tensor] | None = None
         self._penalty_steps = 0
         self._loss_check_done = False
         self._loss_check_tries = 0
@@ -451,7 +454,9 @@ class ContinualTrainer(Trainer):
         """The Trainer's task loss, plus c·λP(θ) on the last micro-batch of each optimizer step in training.
 
         c = ``_penalty_coefficient`` (K or 1), so that the penalty's gradient is exactly λ∇P per step.
-        Evaluation losses carry no penalty.
+        Inside :meth:`training_step` the value is added detached and λ∇P = λF(θ − θ*) goes straight into
+        ``p.grad`` after the backward pass (:meth:`_add_penalty_grads`); called from anywhere else the
+        penalty is differentiable. Evaluation losses carry no penalty.
         """
         training = model.training
         if training and self.check_loss_normalisation and not self._loss_check_done:
@@ -460,12 +465,64 @@ class ContinualTrainer(Trainer):
         if not (training and self._penalty_active() and self.accelerator.sync_gradients):
             return result
         loss, outputs = result if return_outputs else (result, None)
-        pen = self.penalty_value(model)
+        if self._in_training_step and self._penalty_grads_direct():
+            assert self.prior is not None
+            params = {n: p for n, p in self._unwrapped(model).named_parameters()}
+            terms = self.prior.penalty_terms(next(iter(params.values())).device, self.args.penalty_lambda)
+            value, grads = terms.value_and_grads(params)
+            self._pending_penalty_grads = grads
+            pen = value
+        else:
+            pen = self.penalty_value(model)
         detached = pen.detach()
         self._penalty_sum = detached if self._penalty_sum is None else self._penalty_sum + detached
         self._penalty_steps += 1
         loss = loss + self._penalty_coefficient(num_items_in_batch) * pen.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _penalty_grads_direct(self) -> bool:
+        """Whether λ∇P is added to ``p.grad`` after backward rather than back-propagated.
+
+        Under DDP the penalty must not go through autograd: with ``find_unused_parameters`` (the
+        Trainer's default for transformers models) DDP marks a parameter the forward did not use
+        (an earlier task's head) ready after the forward, and a penalty gradient reaching it in
+        backward marks it twice, which DDP refuses. λ∇P is the same on every process, so adding it
+        after DDP's average is exact. DeepSpeed keeps its own gradient buffers: it back-propagates.
+        """
+        return self.accelerator.distributed_type != DistributedType.DEEPSPEED
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """`Trainer.training_step`, then p.grad += s·λF(θ − θ*) on the last micro-batch of a step (s: the fp16 loss scale)."""
+        self._in_training_step, self._pending_penalty_grads = True, None
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+        grads, self._pending_penalty_grads = self._pending_penalty_grads, None
+        if grads:
+            self._add_penalty_grads(model, grads)
+        return loss
+
+    def _add_penalty_grads(self, model: nn.Module, grads: dict[str, Tensor]) -> None:
+        """p.grad += s·g for every penalised trainable parameter; s = the GradScaler's scale under fp16, else 1."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        params = dict(self._unwrapped(model).named_parameters())
+        with torch.no_grad():
+            for name, g in grads.items():
+                p = params[name]
+                if not p.requires_grad:
+                    continue
+                g = (g * scale if scale != 1.0 else g).to(device=p.device, dtype=p.dtype)
+                if p.grad is None:
+                    p.grad = g.contiguous()
+                else:
+                    p.grad.add_(g)
 
     # ---------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -681,18 +738,31 @@ class ContinualTrainer(Trainer):
 
     # ------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write the prior into ``output_dir/<prior_subfolder>`` (first, atomically), then the model."""
+        """Write the prior into ``output_dir/<prior_subfolder>`` (first, atomically), then the model.
+
+        A compact prior may store an anchor equal to the saved weights as a reference to them. Such a
+        prior is written only after the weights: first a self-contained one (full anchors), then the
+        model, then the one with references, so that a save killed at any point leaves a prior that loads.
+        """
         out = output_dir if output_dir is not None else self.args.output_dir
+        by_reference = False
         if self.args.should_save:
             if self.prior is not None:
                 # checkpoints keep full anchors: they are restored before the checkpoint's weights are loaded
-                self._write_prior(self._prior_folder(out), beside_model=not self._saving_checkpoint)
+                by_reference = (
+                    not self._saving_checkpoint
+                    and self.model is not None
+                    and bool(self.prior.anchor_references(self._unwrapped()))
+                )
+                self._write_prior(self._prior_folder(out), beside_model=False)
             elif (self._prior_folder(out) / PRIOR_CONFIG_NAME).is_file():
                 logger.warning(
                     "%s holds a prior from an earlier run, but this trainer has none: it may not match the model saved now.",
                     self._prior_folder(out),
                 )
         super()._save(output_dir, state_dict=state_dict)
+        if by_reference:
+            self._write_prior(self._prior_folder(out), beside_model=True)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """`Trainer._save_checkpoint`, which writes the prior through :meth:`_save` (before any push)."""

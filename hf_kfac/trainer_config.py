@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -39,6 +40,9 @@ PENALTY_SHAPES: dict[PenaltyType, Shape] = {
 """The prior shape each penalty uses (``none`` has no prior)."""
 
 _DEFAULT_LAMBDA = 1.0
+# names with the extension of a file the model, tokenizer or Trainer writes (config.json, model.safetensors,
+# training_args.bin, optimizer.pt, rng_state.pth, README.md, spiece.model, vocab.txt, ...)
+_FILE_NAME = re.compile(r"\.(json|safetensors|bin|pt|pth|md|txt|model|msgpack|h5|ckpt|onnx|gguf)$", re.IGNORECASE)
 
 
 def _choices(enum: type) -> str:
@@ -251,13 +255,15 @@ class ContinualConfig(TrainingArguments):
             except json.JSONDecodeError as e:
                 raise ValueError(f"prior_storage={self.prior_storage!r} is not valid JSON ({e}).") from None
         try:
-            StorageConfig.coerce(value)
+            coerced = StorageConfig.coerce(value)
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"prior_storage={self.prior_storage!r} is not valid: {e} Use 'full', 'compact' or a JSON object of "
                 "StorageConfig fields."
             ) from None
-        self.prior_storage = value
+        # a StorageConfig object is kept as its dict: the arguments must stay JSON-serialisable
+        # (to_json_string, the loggers' hyperparameter records, training_args.bin readers)
+        self.prior_storage = coerced.to_dict() if isinstance(value, StorageConfig) else value
 
     def _validate_subfolder(self) -> None:
         sub = self.prior_subfolder
@@ -274,6 +280,9 @@ class ContinualConfig(TrainingArguments):
                 bad = "names starting with '.' or '_' are skipped by the Trainer's Hub uploads"
             elif parts[0].startswith("checkpoint-") or parts[0] in ("runs", "last-checkpoint"):
                 bad = "it would collide with the Trainer's checkpoint or log folders"
+            elif _FILE_NAME.search(parts[0]):
+                bad = (f"{parts[0]!r} is the name of a file the model, tokenizer or Trainer writes into the model "
+                       "folder (the save would fail after training)")
         if bad:
             raise ValueError(f"prior_subfolder={sub!r} is not valid: {bad}. Use e.g. prior_subfolder='fisher'.")
 

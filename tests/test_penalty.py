@@ -266,3 +266,54 @@ def test_penalty_on_bert_from_estimated_fisher_matches_dense_form() -> None:
             assert a is None or not a.any(), n
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8, msg=n)
+
+
+def test_value_and_grads_without_a_graph_equal_the_dense_form_and_its_autograd_gradient() -> None:
+    """The route ContinualTrainer takes (λF(θ − θ*) added to p.grad) gives the dense form's value and gradient."""
+    model = _linear_model()
+    g = torch.Generator().manual_seed(1)
+    curv = _curvature(model, g)
+    prior = Prior(shape="kfac", task_weighting="uniform")
+    prior.add_task(model, curv, "a")
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    _perturb(model, 0.3, 2)
+    lam = 1.7
+    value, grads = prior.penalty_terms("cpu", lam).value_and_grads(model)
+    assert value.grad_fn is None and all(v.grad_fn is None for v in grads.values())
+    ref = _dense_penalty(model, anchor, curv, lam, 1.0)
+    ref_grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(ref, list(model.parameters()))))
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-5, atol=1e-7)
+    assert grads.keys() == ref_grads.keys()
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_graph_kept_with_retain_graph_gives_the_same_penalty_gradient_twice() -> None:
+    model = _linear_model()
+    prior = Prior(shape="kfac", task_weighting="uniform")
+    prior.add_task(model, _curvature(model, torch.Generator().manual_seed(1)), "a")
+    _perturb(model, 0.3, 2)
+    pen = 3.0 * prior.penalty(model, 1.7)  # a scaled loss: the backward scales the gradients
+    first = torch.autograd.grad(pen, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(pen, list(model.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_parameter_whose_shape_changed_since_the_prior_is_refused_naming_both_shapes() -> None:
+    """A diagonal term would otherwise compare the first numel entries of the flat tensors and return a number."""
+    model = _linear_model()
+    prior = Prior(shape="diag")
+    prior.add_task(model, Curvature(diag={n: torch.ones_like(p) for n, p in model.named_parameters()}, n_examples=4), "a")
+    grown = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 5, bias=False))
+    with pytest.raises(ValueError, match=r"'2.weight' has shape \[5, 3\] in the model but \[2, 3\] in the prior"):
+        prior.penalty(dict(grown.named_parameters()), 1.0)
+
+
+def test_a_compiled_models_prefixed_names_are_named_as_such() -> None:
+    model = _linear_model()
+    prior = Prior(shape="diag")
+    prior.add_task(model, Curvature(diag={n: torch.ones_like(p) for n, p in model.named_parameters()}, n_examples=4), "a")
+    prefixed = {f"_orig_mod.{n}": p for n, p in model.named_parameters()}
+    with pytest.raises(KeyError, match=r"start with '_orig_mod\.': pass the unwrapped model"):
+        prior.penalty(prefixed, 1.0)

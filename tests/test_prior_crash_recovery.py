@@ -140,3 +140,91 @@ def test_a_save_killed_at_every_step_leaves_the_complete_old_or_new_prior(tmp_pa
     assert seen == ["old"] * switch + ["new"] * (len(seen) - switch), seen
     # the crash window between the two renames was hit: no target, restored from the leftovers
     assert missing_targets, "no kill point left the target missing"
+
+
+TRAINER_CHILD = textwrap.dedent(
+    """
+    import builtins, json, os, shutil, sys
+    sys.path.insert(0, os.path.join(sys.argv[2], "tests", "scripts"))
+    import torch
+    from safetensors.torch import save_file
+    from trainer_fixtures import make_dataset, make_model
+    from hf_kfac import ContinualConfig, ContinualTrainer
+
+    out = sys.argv[1]
+    torch.manual_seed(0)
+    args = ContinualConfig(
+        output_dir=os.path.join(out, "run"), penalty="kfac", fisher_type="empirical", prior_storage="compact",
+        prior_accumulation="merge", max_steps=1, per_device_train_batch_size=4, learning_rate=0.05, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = ContinualTrainer(model=make_model("seq"), args=args, train_dataset=make_dataset("seq", 8))
+    trainer.train()
+    trainer.consolidate(task_name="A")
+    template = os.path.join(out, "template")
+    trainer.save_model(template)  # model W1 + a prior whose anchor is a reference to W1
+    assert "anchor_ref" in json.load(open(os.path.join(template, "fisher", "prior_config.json")))["slots"][0]
+    save_file(trainer.prior.state_dict(), os.path.join(out, "expected_old.safetensors"))
+    trainer.train()
+    trainer.consolidate(task_name="B")  # merged: the anchor is now W2, which the next save may refer to
+    save_file(trainer.prior.state_dict(), os.path.join(out, "expected_new.safetensors"))
+    COUNTED = ("open", "mkdir", "chmod", "replace", "rename", "unlink", "remove", "rmdir")
+    codes = []
+    k = 1
+    while k < 800:
+        target = os.path.join(out, f"kill{k:03d}")
+        shutil.copytree(template, target)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                calls = [0]
+
+                def wrap(real):
+                    def f(*a, **kw):
+                        calls[0] += 1
+                        if calls[0] == k:
+                            os._exit(9)
+                        return real(*a, **kw)
+                    return f
+
+                for name in COUNTED:
+                    setattr(os, name, wrap(getattr(os, name)))
+                builtins.open = wrap(builtins.open)  # transformers writes config.json with open()
+                trainer.save_model(target)
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+        if codes[-1] != 9:
+            break
+        k += 1
+    with open(os.path.join(out, "codes.json"), "w") as f:
+        json.dump(codes, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_trainer_save_killed_at_every_step_keeps_a_compact_prior_that_loads_with_the_model_beside_it(tmp_path: Path) -> None:
+    """A compact prior may store its anchor as a reference to the weights saved beside it: a save that has
+    written the new prior but not yet the new weights must not leave a reference to weights not on disk."""
+    import json
+
+    from transformers import BertForSequenceClassification
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", TRAINER_CHILD, str(tmp_path), str(root)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    codes = json.loads((tmp_path / "codes.json").read_text())
+    assert codes[-1] == 0 and all(c == 9 for c in codes[:-1]) and len(codes) > 10, codes
+    old = load_file(str(tmp_path / "expected_old.safetensors"))
+    new = load_file(str(tmp_path / "expected_new.safetensors"))
+    seen = []
+    for k in range(1, len(codes) + 1):
+        folder = tmp_path / f"kill{k:03d}"
+        model = BertForSequenceClassification.from_pretrained(folder)
+        loaded = Prior.from_pretrained(folder, model=model).state_dict()  # raises if its anchor is gone
+        seen.append("old" if _same(loaded, old) else "new" if _same(loaded, new) else "neither")
+    assert "neither" not in seen and seen[0] == "old" and seen[-1] == "new", seen

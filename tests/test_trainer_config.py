@@ -70,6 +70,15 @@ def test_prior_storage_selects_the_compact_format_from_a_name_or_json() -> None:
     assert json.loads(cfg.to_json_string())["prior_storage"]["rank_fraction"] == 0.5
 
 
+def test_a_storage_config_object_is_accepted_and_the_arguments_stay_json() -> None:
+    from hf_kfac import StorageConfig
+
+    cfg = _cfg(penalty="kfac", prior_storage=StorageConfig(format="compact", rank_fraction=0.5))
+    st = cfg.to_prior_config().storage
+    assert st.compact and st.rank_fraction == 0.5
+    assert json.loads(cfg.to_json_string())["prior_storage"]["rank_fraction"] == 0.5
+
+
 def test_parses_from_the_command_line_and_serialises() -> None:
     (cfg,) = HfArgumentParser(ContinualConfig).parse_args_into_dataclasses(
         ["--output_dir", "o", "--use_cpu", "true", "--penalty", "ewc", "--penalty_lambda", "0.25",
@@ -123,6 +132,9 @@ def test_help_lists_every_continual_option(capsys: pytest.CaptureFixture[str]) -
         (dict(prior_subfolder="checkpoint-3"), "prior_subfolder='checkpoint-3'", "collide"),
         (dict(prior_subfolder="."), "prior_subfolder='.'", "not the model folder itself"),
         (dict(prior_subfolder="./"), "prior_subfolder='./'", "not the model folder itself"),
+        (dict(prior_subfolder="model.safetensors"), "prior_subfolder='model.safetensors'", "name of a file"),
+        (dict(prior_subfolder="config.json/x"), "prior_subfolder='config.json/x'", "name of a file"),
+        (dict(prior_subfolder="training_args.bin"), "prior_subfolder='training_args.bin'", "name of a file"),
     ],
 )
 def test_bad_values_fail_naming_field_value_and_fix(kw: dict, field: str, hint: str) -> None:

@@ -58,7 +58,8 @@ def test_two_processes_step_like_one_and_consolidate_like_one(tmp_path: Path) ->
        −lr ∇(L + λP), with L over all 8 examples, for: a causal LM whose loss is normalised by the
        token count (average_tokens_across_devices on and off, GA 1 and 2) and a BERT head whose
        loss is a per-batch mean. The penalty's gradient is λ∇P once, not twice (2 processes) nor
-       half (DDP's average).
+       half (DDP's average). Also an entity linker on its second task, whose prior covers the first
+       task's head, which the forward does not use (DDP's find_unused_parameters is on by default).
     2. Train, consolidate on disjoint, uneven shards (7 examples, batches of 2), save: the prior
        equals the one a single process consolidates on all 7 examples at the saved weights.
     """
@@ -81,6 +82,27 @@ def test_two_processes_step_like_one_and_consolidate_like_one(tmp_path: Path) ->
             name = f"{kind}-{'ragged' if ragged else 'even'}-ga{ga}-avg{int(avg)}"
             plan["steps"].append(dict(name=name, kind=kind, model=str(folder), rows=rows, ga=ga, bs=bs, avg=avg, lam=lam))
             expected[name] = (state(base), want)
+    # an entity linker's second task: the forward uses head B only, the prior covers head A (which DDP,
+    # finding it unused, marks ready after the forward: the penalty must not reach it through autograd)
+    from oracles import tiny_bert_config
+
+    from hf_kfac.el.models import ELClassifier
+
+    torch.manual_seed(0)
+    el = ELClassifier.from_encoder_config(tiny_bert_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    el.add_task_head("A", ["a0", "a1", "a2"])
+    prior = make_prior(el, "seq")
+    el.add_task_head("B", ["b0", "b1", "b2"])
+    perturb(el)
+    folder = tmp_path / "model-el"
+    el.save_pretrained(folder)
+    prior.save_pretrained(folder / "fisher")
+    rows = make_rows("seq", 8)
+    plan["steps"].append(dict(name="el-unused-head-ga2", kind="el", model=str(folder), rows=rows, ga=2, bs=2, avg=True,
+                              lam=lam))
+    expected["el-unused-head-ga2"] = (state(el), expected_gradient(copy.deepcopy(el), "seq", rows, prior, lam))
+    assert expected["el-unused-head-ga2"][1]["heads.A.weight"].abs().max() > 0  # head A moves by the penalty alone
+
     tok = make_model("tok")
     tok.save_pretrained(tmp_path / "model-tok")
     cons_rows = make_rows("tok", 7, seed=11)

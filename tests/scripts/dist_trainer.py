@@ -33,7 +33,10 @@ def main() -> None:
     work = sys.argv[1]
     with open(os.path.join(work, "plan.json")) as f:
         plan = json.load(f)
-    classes = {"seq": AutoModelForSequenceClassification, "lm": BertLMHeadModel, "tok": AutoModelForTokenClassification}
+    from hf_kfac.el.models import ELClassifier
+
+    classes = {"seq": AutoModelForSequenceClassification, "lm": BertLMHeadModel, "tok": AutoModelForTokenClassification,
+               "el": ELClassifier}
     trainer = None
     for step in plan["steps"]:
         model = classes[step["kind"]].from_pretrained(step["model"])
