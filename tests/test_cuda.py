@@ -167,3 +167,43 @@ def test_trainer_with_mixed_precision_on_cuda(tmp_path: Path, precision: str) ->
     pen = float(trainer_b.penalty_value(model_b).detach())
     want_pen = float(hand_penalty(params, trainer_b.prior, 10.0))
     assert abs(pen - want_pen) <= 1e-3 * want_pen
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_step_gradient_under_mixed_precision_holds_lambda_penalty_gradient_once(tmp_path: Path, precision: str) -> None:
+    """λF(θ − θ*) is added to p.grad after the backward pass; under fp16 the task gradient there is still
+    multiplied by the GradScaler's scale S, so the penalty's must be too: p.grad / S = ∇L + λ∇P."""
+    from trainer_fixtures import expected_gradient, make_model, make_prior, perturb, sgd_args
+    from transformers import TrainerCallback
+
+    from hf_kfac.trainer import ContinualTrainer
+
+    base = make_model("seq")
+    prior = make_prior(base, "seq")
+    perturb(base)
+    rows = make_rows("seq", 8)
+    lam = 0.7
+    want = expected_gradient(copy.deepcopy(base), "seq", rows, prior, lam)  # float32, CPU, autograd
+    task_only = expected_gradient(copy.deepcopy(base), "seq", rows, None, lam)
+    names = list(want)
+    flat = lambda d: torch.cat([d[k].reshape(-1).float().cpu() for k in names])  # noqa: E731
+    assert float((flat(want) - flat(task_only)).norm() / flat(want).norm()) > 0.1  # the penalty matters here
+    seen: dict = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):  # noqa: ANN001, ANN003
+            scaler = trainer.accelerator.scaler
+            seen["scale"] = float(scaler.get_scale()) if scaler is not None else 1.0
+            seen["grads"] = {n: p.grad.detach().float().cpu() / seen["scale"] for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    model = copy.deepcopy(base).cuda()
+    trainer = ContinualTrainer(model=model, args=sgd_args(str(tmp_path), use_cpu=False, penalty_lambda=lam,
+                                                          **{precision: True}),
+                               train_dataset=make_dataset("seq", 8), prior=prior, callbacks=[Grab()])
+    trainer.train()
+    if precision == "fp16":
+        assert seen["scale"] > 1.0  # the loss was scaled: the case this test is about
+    got = seen["grads"]
+    assert set(names) <= set(got)
+    assert float((flat(got) - flat(want)).norm() / flat(want).norm()) < 2e-2
