@@ -360,13 +360,13 @@ def compress_curvature(curv: Curvature, cfg: StorageConfig) -> Curvature:
     kfac: dict[str, Any] = {}
     for name, b in curv.kfac.items():
         kfac[name] = b if is_compact(b) else compress_block(b, cfg, cache)
-    return Curvature(kfac, dict(curv.diag), curv.n_examples, dict(curv.diag_fallbacks))
+    return Curvature(kfac, dict(curv.diag), curv.n_examples, dict(curv.diag_fallbacks), curv.fisher_config)
 
 
 def densify_curvature(curv: Curvature) -> Curvature:
     """The curvature with every compact block replaced by its dense equivalent."""
     kfac = {n: (b.dense_factors() if is_compact(b) else b) for n, b in curv.kfac.items()}
-    return Curvature(kfac, dict(curv.diag), curv.n_examples, dict(curv.diag_fallbacks))
+    return Curvature(kfac, dict(curv.diag), curv.n_examples, dict(curv.diag_fallbacks), curv.fisher_config)
 
 
 def weights_digest(tensors: Mapping[str, Tensor]) -> str:

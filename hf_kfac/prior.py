@@ -32,10 +32,13 @@ Accumulation over tasks t = 1..T with task weights s_t (N_t, or 1) and decay γ:
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import json
 import math
+import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,16 +207,82 @@ def _merge_curvatures(parts: list[tuple[float, Curvature]], total: float) -> Cur
     return out
 
 
+_UNWRAP = (
+    "Pass the unwrapped model: `model._orig_mod` for torch.compile, `model.module` for DDP/DataParallel, "
+    "or accelerator.unwrap_model(model)."
+)
+_WRAPPER_SEGMENTS = ("_orig_mod", "module")  # what torch.compile and DDP/DataParallel put before parameter names
+
+
+def _wrapper_of(model: nn.Module) -> str | None:
+    """The wrapper ``model`` is (``torch.compile``, ``DistributedDataParallel``, ``DataParallel``), or ``None``."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return "torch.compile"
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return type(model).__name__
+    return None
+
+
+def _wrapped_name(name: str, names: Iterable[str]) -> str | None:
+    """The entry of ``names`` that is ``name`` behind wrapper prefixes (``_orig_mod.``, ``module.``), or ``None``."""
+    for k in names:
+        if k.endswith("." + name) and all(seg in _WRAPPER_SEGMENTS for seg in k[: -len(name) - 1].split(".")):
+            return k
+    return None
+
+
+def _wrapped_message(name: str, found: str, what: str) -> str:
+    """The error for a prior parameter ``name`` that the model holds as ``found``, behind a wrapper's prefix."""
+    wrapper = "torch.compile" if found.startswith("_orig_mod.") else "DDP/DataParallel"
+    return (
+        f"{what} parameter {name!r}, which the model holds as {found!r}: the model is wrapped ({wrapper} prefixes "
+        f"{found[: -len(name)]!r} to every name), not another architecture. {_UNWRAP}"
+    )
+
+
+def _count(value: Any, task: str) -> int:
+    """``value`` (an int, a NumPy or torch integer, or an integral float) as an int >= 0."""
+    n: int | None = None
+    if not isinstance(value, bool):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            try:
+                f = float(value)
+            except (TypeError, ValueError):
+                f = math.nan
+            n = int(f) if math.isfinite(f) and f.is_integer() else None
+    if n is None:
+        raise TypeError(f"n_examples of task {task!r} must be an integer (the task's data size), got {value!r}.")
+    if n < 0:
+        raise ValueError(f"n_examples of task {task!r} must be >= 0 (the task's data size), got {n}.")
+    return n
+
+
 class Prior:
     """Anchors and curvature of consolidated tasks, with the penalty they define."""
 
     def __init__(self, config: PriorConfig | None = None, fisher: FisherConfig | None = None, **kwargs: Any) -> None:
         self.config = config or PriorConfig(**kwargs)
-        self.fisher = fisher or FisherConfig(shape=self.config.shape if self.config.shape != Shape.IDENTITY else Shape.DIAG)
+        self._fisher = fisher or FisherConfig(shape=self.config.shape if self.config.shape != Shape.IDENTITY else Shape.DIAG)
+        # whether `fisher` was given (constructor, or set as the trainer does before add_task): only then is it
+        # recorded for a task whose curvature does not carry the options it was estimated with
+        self._fisher_declared = fisher is not None
         self.tasks: list[TaskRecord] = []
         self.slots: list[_Slot] = []
         self.param_shapes: dict[str, list[int]] = {}
         self._penalty_cache: dict[Any, QuadraticPenalty] = {}
+
+    @property
+    def fisher(self) -> FisherConfig:
+        """The Fisher options of the prior's tasks (saved with it; recorded for tasks whose curvature does not
+        carry its own)."""
+        return self._fisher
+
+    @fisher.setter
+    def fisher(self, value: FisherConfig) -> None:
+        self._fisher = value
+        self._fisher_declared = True
 
     # ----------------------------------------------------------------- building
     @property
@@ -224,7 +293,7 @@ class Prior:
         return len(self.tasks)
 
     def __repr__(self) -> str:
-        names = ", ".join(t.name for t in self.tasks)
+        names = ", ".join(str(t.name) for t in self.tasks)
         return (
             f"Prior(shape={self.config.shape}, accumulation={self.config.accumulation}, tasks=[{names}], "
             f"slots={len(self.slots)}, numel={self.numel()})"
@@ -247,51 +316,125 @@ class Prior:
             name: Task name, recorded in the history and model card.
             n_examples: Task data size N_t (defaults to ``curvature.n_examples``).
             metadata: Anything JSON-serialisable to keep with the task (λ, metrics...).
+
+        Raises ``ValueError`` / ``TypeError``, leaving the prior as it was, for anything the saved
+        prior could not hold or :meth:`load_folder` would refuse: a name that is not a string, a
+        count that is not an integer >= 0, metadata that is not JSON, a wrapped model
+        (``torch.compile``, DDP), a curvature that does not fit the model, a parameter whose shape
+        differs from the one the prior recorded for it, or a NaN/inf weight in the anchor.
         """
         if (curvature is None) != (self.config.shape == Shape.IDENTITY):
             raise ValueError(
                 f"a prior of shape {self.config.shape!s} needs "
                 + ("no curvature (pass curvature=None)." if curvature is None or self.config.shape == Shape.IDENTITY else "a curvature.")
             )
+        # every check before anything changes: a refused task leaves the prior as it was
+        if not isinstance(name, str):
+            raise TypeError(
+                f"the task name must be a string, got {type(name).__name__} {name!r}: it is saved in "
+                f"{PRIOR_CONFIG_NAME} and shown in the model card. Pass name=str(...)."
+            )
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata of task {name!r} must be a dict, got {type(metadata).__name__}.")
+        try:
+            json.dumps(metadata or {})
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"metadata of task {name!r} must be JSON-serialisable (it is saved with the prior): {e}. Convert NumPy "
+                "or torch scalars with float(...) / int(...) (or .item())."
+            ) from None
+        wrapper = _wrapper_of(model)
+        if wrapper is not None:
+            raise ValueError(
+                f"add_task got a model wrapped by {wrapper}, whose parameter names carry the wrapper's prefix: the prior "
+                f"would cover names the model itself does not have. {_UNWRAP}"
+            )
         params = dict(model.named_parameters())
+        fisher_record = self._fisher_record(curvature)
         if curvature is None:
             names = [n for n, p in params.items() if p.requires_grad]
-            n = int(n_examples or 0)
+            n = _count(n_examples if n_examples is not None else 0, name)
         else:
             names = curvature.param_names()
-            n = int(n_examples if n_examples is not None else curvature.n_examples)
+            n = _count(n_examples if n_examples is not None else curvature.n_examples, name)
             curvature = curvature.to(device="cpu", dtype=torch.float32)
             self._check_curvature(curvature, params)
-        # every check before anything changes: a refused task leaves the prior as it was
         s_t = float(n) if self.config.task_weighting == TaskWeighting.DATA_SIZE else 1.0
         if s_t <= 0:
             raise ValueError(
                 f"task {name!r} has no data (n_examples={n}); with task_weighting='data_size' it would get weight 0."
             )
-        anchor = {x: params[x].detach().to(device="cpu", dtype=torch.float32).clone() for x in names}
         for x in names:
-            self.param_shapes[x] = list(params[x].shape)
-        record = TaskRecord(name=name, n_examples=n, fisher=self.fisher.to_dict(), metadata=dict(metadata or {}))
+            old = self.param_shapes.get(x)
+            if old is not None and list(params[x].shape) != old:
+                raise ValueError(
+                    f"parameter {x!r} has shape {list(params[x].shape)} in the model but {old} in the prior: a parameter "
+                    "covered by the prior changed shape (a head with another number of labels, a resized vocabulary). "
+                    "Give the new head a new name (another module attribute, so that it is a new parameter), or leave it "
+                    "out of the prior (exclude=[...] / the trainer's fisher_exclude; requires_grad=False for an L2 prior), "
+                    "or start a new prior."
+                )
+        anchor = {x: params[x].detach().to(device="cpu", dtype=torch.float32).clone() for x in names}
+        for x, a in anchor.items():
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(
+                    f"parameter {x!r} of the model holds NaN or inf (in float32), so it cannot be the anchor of task "
+                    f"{name!r}: training diverged (an overflow under fp16, a learning rate too high). Consolidate a "
+                    "checkpoint whose weights are finite, or leave the parameter out of the prior (exclude=[...] / the "
+                    "trainer's fisher_exclude; requires_grad=False for an L2 prior)."
+                )
+        # the new state is built in locals and checked as the loader would check it; the prior changes only then
+        record = TaskRecord(name=name, n_examples=n, fisher=fisher_record, metadata=dict(metadata or {}))
         t = len(self.tasks)
-        self.tasks.append(record)
-        if self.config.accumulation == Accumulation.SEPARATE or not self.slots:
-            self.slots.append(_Slot(anchor, curvature, s_t, [t]))
+        shapes = {**self.param_shapes, **{x: list(params[x].shape) for x in names}}
+        slots = list(self.slots)
+        if self.config.accumulation == Accumulation.SEPARATE or not slots:
+            slot = _Slot(anchor, curvature, s_t, [t])
+            slots.append(slot)
         else:
-            old = self.slots[0]
+            old_slot = slots[0]
             gamma = self.config.decay
-            total = gamma * old.scale + s_t
-            merged_anchor = {**old.anchor, **anchor}
+            total = gamma * old_slot.scale + s_t
             merged = None
             if curvature is not None:
-                assert old.curvature is not None
-                merged = _merge_curvatures([(gamma * old.scale, old.curvature), (s_t, curvature)], total)
-            self.slots[0] = _Slot(merged_anchor, merged, total, old.tasks + [t])
-        if self.config.storage.compact:
-            slot = self.slots[-1]
-            if slot.curvature is not None and slot.curvature.kfac:
-                slot.curvature = compress_curvature(slot.curvature, self.config.storage)
+                assert old_slot.curvature is not None
+                merged = _merge_curvatures([(gamma * old_slot.scale, old_slot.curvature), (s_t, curvature)], total)
+            slot = _Slot({**old_slot.anchor, **anchor}, merged, total, old_slot.tasks + [t])
+            slots[0] = slot
+        if self.config.storage.compact and slot.curvature is not None and slot.curvature.kfac:
+            slot.curvature = compress_curvature(slot.curvature, self.config.storage)
+        candidate = copy.copy(self)
+        candidate.tasks, candidate.slots, candidate.param_shapes = self.tasks + [record], slots, shapes
+        candidate._check_loadable({}, f"task {name!r} was refused (the prior is unchanged)")
+        self.tasks.append(record)
+        self.slots[:] = slots
+        self.param_shapes.update(shapes)
         self._penalty_cache.clear()
         return record
+
+    def _fisher_record(self, curvature: Curvature | None) -> dict[str, Any]:
+        """The Fisher options a task's curvature was estimated with, as far as they are known.
+
+        ``{"shape": "identity"}`` for an L2 task (no Fisher); the options the curvature carries
+        (``curvature.fisher_config``, a :class:`FisherConfig` or its dict) if any; else the prior's
+        ``fisher`` if it was given (the trainer sets it before each task) and fits the curvature;
+        else only the shape, read from the curvature (``kfac`` if it holds a K-FAC block).
+        """
+        if curvature is None:
+            return {"shape": str(Shape.IDENTITY)}
+        carried = getattr(curvature, "fisher_config", None)
+        if isinstance(carried, dict):
+            try:
+                carried = FisherConfig(**carried)
+            except (TypeError, ValueError):
+                carried = None
+        if isinstance(carried, FisherConfig):
+            return carried.to_dict()
+        shape = Shape.KFAC if curvature.kfac else Shape.DIAG
+        # a kfac estimate whose every Linear fell back to a diagonal holds no K-FAC block
+        if self._fisher_declared and (self.fisher.shape == shape or (self.fisher.shape == Shape.KFAC and shape == Shape.DIAG)):
+            return self.fisher.to_dict()
+        return {"shape": str(shape)}
 
     @staticmethod
     def _check_curvature(c: Curvature, params: dict[str, nn.Parameter]) -> None:
@@ -300,6 +443,9 @@ class Prior:
         refit = "Estimate the Fisher on this model (estimate_fisher(model, ...)) and pass that curvature."
         for pname in c.param_names():
             if pname not in params:
+                found = _wrapped_name(pname, params)
+                if found is not None:
+                    raise ValueError(_wrapped_message(pname, found, "the curvature covers"))
                 raise ValueError(
                     f"the curvature covers parameter {pname!r}, which is not a parameter of the model: it was "
                     f"estimated on another model (or the parameter was renamed). {refit}"
@@ -374,14 +520,21 @@ class Prior:
 
         :meth:`penalty` passes ``scale`` = λ, so that λ rides in the factors instead of costing a
         pass over every gradient at each step; the cache keeps the terms of the latest λ per device.
+        The cached terms are rebuilt when anything they are made from changes: λ, the damping,
+        the decay, the accumulation, the compute dtype of compact factors, or a slot (replaced, or
+        its scale set). Tensors edited in place are not noticed: clear ``_penalty_cache`` then.
         """
         device = torch.device(device)
-        key = (device.type, device.index, float(scale))
+        key = self._penalty_key(device, scale)
         if key in self._penalty_cache:
             return self._penalty_cache[key]
         for old in [k for k in self._penalty_cache if k[:2] == key[:2]]:
             del self._penalty_cache[old]
         delta = float(self.config.damping)
+        if not (math.isfinite(delta) and delta >= 0):
+            raise ValueError(f"prior.config.damping must be a finite float >= 0, got {self.config.damping!r}.")
+        if not 0.0 < float(self.config.decay) <= 1.0:
+            raise ValueError(f"prior.config.decay must be in (0, 1], got {self.config.decay!r}.")
         kfac_terms: list[KFACTerm] = []
         diag_terms: list[DiagTerm] = []
         for slot, c in zip(self.slots, self.slot_weights()):
@@ -397,7 +550,7 @@ class Prior:
                     w = torch.cat([w, anchor[block.bias].unsqueeze(1)], dim=1)
                 if is_compact(block):
                     Aop, Gop = compact_factor_ops(block.A.to(device), block.G.to(device), delta,
-                                                  EIGVEC_DTYPES[self.config.storage.compute_dtype])
+                                                  EIGVEC_DTYPES[StorageConfig.coerce(self.config.storage).compute_dtype])
                     kfac_terms.append(CompactKFACTerm(block.weight, block.bias, w, Aop, Gop.scaled(c)))
                     continue
                 A, G = block.A.to(device), block.G.to(device)
@@ -409,6 +562,14 @@ class Prior:
         pen = QuadraticPenalty(kfac_terms, diag_terms)
         self._penalty_cache[key] = pen
         return pen
+
+    def _penalty_key(self, device: torch.device, scale: float) -> tuple[Any, ...]:
+        """Everything the prepared penalty terms depend on; device first (the cache keeps one entry per device)."""
+        cfg = self.config
+        storage = StorageConfig.coerce(cfg.storage)
+        slots = tuple((id(s), id(s.anchor), id(s.curvature), float(s.scale)) for s in self.slots)
+        return (device.type, device.index, float(scale), float(cfg.damping), float(cfg.decay), str(cfg.accumulation),
+                str(storage.compute_dtype), id(self.slots), slots)
 
     def penalty(self, model: nn.Module | dict[str, Tensor], lam: float) -> Tensor:
         """½ λ Σ_s c_s (θ − θ*_s)ᵀ (F_s + D_s) (θ − θ*_s), differentiable w.r.t. the parameters.
@@ -431,6 +592,9 @@ class Prior:
         params = dict(model.named_parameters())
         for name, shape in self.param_shapes.items():
             if name not in params:
+                found = _wrapped_name(name, params)
+                if found is not None:
+                    raise PriorFileError(_wrapped_message(name, found, "the prior covers"))
                 raise PriorFileError(
                     f"the prior covers parameter {name!r}, which the model does not have: the prior was made for "
                     "another architecture. Load the model the prior was saved with, or start a new prior."
@@ -540,9 +704,48 @@ class Prior:
         nothing) when ``folder`` holds anything but a prior's own files: save beside a model
         into its subfolder, ``<model folder>/fisher``. A save killed at any point leaves the old
         or the new prior, which loading restores (see :mod:`hf_kfac.serialization`).
+
+        The state is first checked as :meth:`load_folder` would check the files (config entries,
+        tensor shapes, dtypes, NaN/inf): a prior that would not load raises
+        :class:`PriorFileError` and ``folder`` is left as it was.
         """
         refs = self.anchor_references(model)
-        return save_tensor_folder(folder, self.state_dict(refs), self.config_dict(refs), max_shard_size)
+        cfg = self._check_loadable(
+            refs,
+            f"refusing to save the prior to {str(folder)!r} (nothing was written; what is there is unchanged)",
+            " Was the prior (its tasks, slots, param_shapes or config) changed by hand? Prior.add_task checks what it adds.",
+        )
+        return save_tensor_folder(folder, self.state_dict(refs), cfg, max_shard_size)
+
+    def _check_loadable(self, refs: dict[int, str], refused: str, hint: str = "") -> dict[str, Any]:
+        """The config the prior saves as (through JSON, as written), after the loader's checks on it and
+        on the tensors; raises :class:`PriorFileError` starting with ``refused`` if the loader would refuse it.
+
+        Slots in ``refs`` (anchors stored as references) have their in-memory anchors checked instead.
+        """
+        try:
+            cfg = json.loads(json.dumps(self.config_dict(refs), sort_keys=True))
+        except (TypeError, ValueError) as e:
+            raise PriorFileError(
+                f"{refused}: the prior in memory would not load back: its config cannot be written as JSON ({e}). "
+                "Task metadata must be JSON-serialisable."
+            ) from None
+        tensors = self.state_dict(refs)
+
+        def anchor_ref(i: int, sc: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Tensor]:
+            held = {f"slots.{i}.anchor.{p}": t for p, t in self.slots[i].anchor.items()}
+            check_finite(held, {torch.float32})
+            seen: set[str] = set()
+            return {p: _take(held, f"slots.{i}.anchor.{p}", shapes.get(p), seen) for p in sc["anchor"]}
+
+        try:
+            Prior._from_config(cfg, _ConfigCheck(None), lambda: tensors, anchor_ref, where="the prior")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            what = str(e) if isinstance(e, PriorFileError) else f"{type(e).__name__}: {e}"
+            raise PriorFileError(
+                f"{refused}: the prior in memory would not load back: {what}{hint}"
+            ) from e
+        return cfg
 
     @classmethod
     def from_pretrained(
@@ -594,11 +797,33 @@ class Prior:
         """
         folder = restore_interrupted_save(Path(folder))
         cfg = read_config(folder)
-        check = _ConfigCheck(folder / PRIOR_CONFIG_NAME)
+        return cls._from_config(
+            cfg,
+            _ConfigCheck(folder / PRIOR_CONFIG_NAME),
+            lambda: load_tensor_folder(folder, cfg),
+            lambda i, sc, shapes: _resolve_anchor_ref(folder, i, sc, shapes, model),
+            where=f"the prior in {str(folder)!r}",
+        )
+
+    @classmethod
+    def _from_config(
+        cls,
+        cfg: dict[str, Any],
+        check: "_ConfigCheck",
+        load_tensors: Callable[[], dict[str, Tensor]],
+        anchor_ref: Callable[[int, dict[str, Any], dict[str, list[int]]], dict[str, Tensor]],
+        where: str,
+    ) -> "Prior":
+        """A prior built from its parsed config and tensors, with every check of :meth:`load_folder`.
+
+        ``load_tensors`` is called once the config has passed its checks; ``anchor_ref(i, slot_config,
+        param_shapes)`` gives the anchor of a slot stored as a reference. ``save_pretrained`` and
+        ``add_task`` run the same checks on the state they are about to write or keep.
+        """
         version = check.field(cfg, "format_version", "int")
         if version > FORMAT_VERSION:
             raise PriorFileError(
-                f"the prior in {str(folder)!r} has format version {version}, newer than this hf_kfac "
+                f"{where} has format version {version}, newer than this hf_kfac "
                 f"({__version__}) reads (version {FORMAT_VERSION}). Upgrade hf_kfac: pip install -U hf-kfac."
             )
         if version < 1:
@@ -607,6 +832,7 @@ class Prior:
             check.build(PriorConfig, check.field(cfg, "prior", "dict"), "prior"),
             check.build(FisherConfig, check.field(cfg, "fisher", "dict"), "fisher"),
         )
+        prior._fisher_declared = False  # the saved options are the last task's, not the next one's
         for i, t in enumerate(check.field(cfg, "tasks", "list")):
             check.item(t, f"tasks[{i}]", "dict")
             check.field(t, "name", "str", f"tasks[{i}]")
@@ -617,13 +843,13 @@ class Prior:
             check.item(v, f"params[{k!r}]", "shape")
         prior.param_shapes = {k: list(v) for k, v in params.items()}
         slots_cfg = [check.slot(sc, i, prior) for i, sc in enumerate(check.field(cfg, "slots", "list"))]
-        tensors = load_tensor_folder(folder, cfg)
+        tensors = load_tensors()
         # bfloat16 is allowed for the eigenvectors of compact factors only
         check_finite(tensors, {k: ({torch.float32, torch.bfloat16} if k.endswith(".eigvecs") else {torch.float32}) for k in tensors})
         expected: set[str] = set()
         for i, sc in enumerate(slots_cfg):
             if "anchor_ref" in sc:
-                anchor = _resolve_anchor_ref(folder, i, sc, prior.param_shapes, model)
+                anchor = anchor_ref(i, sc, prior.param_shapes)
             else:
                 anchor = {p: _take(tensors, f"slots.{i}.anchor.{p}", prior.param_shapes.get(p), expected) for p in sc["anchor"]}
             curv = None
@@ -714,10 +940,12 @@ class _ConfigCheck:
         "shape": ("a list of integers >= 0", lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
     }
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: the config of a prior in memory, about to be saved (the caller says so)
 
     def error(self, field: str, problem: str) -> PriorFileError:
+        if self.path is None:
+            return PriorFileError(f"its config entry `{field}` {problem}.")
         return PriorFileError(f"{str(self.path)!r} is corrupted: `{field}` {problem}. {_CONFIG_FIX}")
 
     def item(self, value: Any, field: str, kind: str) -> Any:
@@ -798,12 +1026,23 @@ def _resolve_anchor_ref(
     params = dict(model.named_parameters())
     missing = [p for p in sc["anchor"] if p not in params]
     if missing:
+        found = _wrapped_name(missing[0], params)
+        if found is not None:
+            raise PriorFileError(_wrapped_message(missing[0], found, "the prior's anchor covers"))
         raise PriorFileError(f"the prior's anchor covers parameter {missing[0]!r}, which the model does not have.")
     chosen = {p: params[p] for p in sc["anchor"]}
     for p, t in chosen.items():
         if shapes.get(p) is not None and list(t.shape) != list(shapes[p]):
             raise PriorFileError(f"parameter {p!r} has shape {list(t.shape)} in the model but {shapes[p]} in the prior.")
     if weights_digest(chosen) != digest:
+        other = sorted({str(t.dtype).replace("torch.", "") for t in chosen.values() if t.dtype != torch.float32})
+        if other:
+            raise PriorFileError(
+                f"the prior in {str(folder)!r} stores its anchor (slot {i}) as a reference to the float32 weights it "
+                f"was saved beside (SHA-256 {digest[:12]}…), but the model given holds {other[0]} weights, which "
+                "cannot match them. Load the model in float32 to read the prior (from_pretrained(..., "
+                "dtype=torch.float32)), then cast it (model.to(torch.bfloat16)): the prior keeps its float32 anchor."
+            )
         raise PriorFileError(
             f"the prior in {str(folder)!r} anchors slot {i} at the model weights it was saved beside (SHA-256 "
             f"{digest[:12]}…), but the model given has other weights. Load the model from the same folder (or "

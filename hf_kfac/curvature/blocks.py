@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,12 +67,15 @@ class Curvature:
         diag: Parameter name -> diagonal of its Fisher, shaped like the parameter.
         n_examples: Number of examples N the Fisher is a mean over.
         diag_fallbacks: Module name -> why a Linear got a diagonal instead of K-FAC.
+        fisher_config: The options it was estimated with (:func:`estimate_fisher` sets it; a
+            curvature built by hand has none). A prior records them with the task.
     """
 
     kfac: dict[str, KFACBlock] = field(default_factory=dict)
     diag: dict[str, Tensor] = field(default_factory=dict)
     n_examples: int = 0
     diag_fallbacks: dict[str, str] = field(default_factory=dict)
+    fisher_config: Any = None  # FisherConfig | None
 
     def param_names(self) -> list[str]:
         """Names of all parameters the curvature covers."""
@@ -94,6 +98,7 @@ class Curvature:
             {k: t.to(*args, **kwargs) for k, t in self.diag.items()},
             self.n_examples,
             dict(self.diag_fallbacks),
+            self.fisher_config,
         )
 
     def scaled(self, c: float) -> "Curvature":
@@ -103,6 +108,7 @@ class Curvature:
             {k: t * c for k, t in self.diag.items()},
             self.n_examples,
             dict(self.diag_fallbacks),
+            self.fisher_config,
         )
 
     def as_diagonal(self) -> "Curvature":
@@ -113,4 +119,4 @@ class Curvature:
             diag[block.weight] = dw
             if block.bias is not None:
                 diag[block.bias] = db
-        return Curvature({}, diag, self.n_examples, dict(self.diag_fallbacks))
+        return Curvature({}, diag, self.n_examples, dict(self.diag_fallbacks), self.fisher_config)

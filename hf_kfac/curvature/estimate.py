@@ -1198,4 +1198,6 @@ def estimate_fisher(
             "the Fisher was estimated on no example: the dataset or dataloader is empty. "
             "Pass the task's training data (or a non-empty sample of it)."
         )
-    return est.finalize(total_n)
+    curv = est.finalize(total_n)
+    curv.fisher_config = config
+    return curv
