@@ -680,6 +680,11 @@ class ContinualTrainer(Trainer):
                 "consolidate() got an empty dataset: the Fisher needs at least one example of the task. "
                 "Pass the task's training data (or a non-empty sample of it)."
             )
+        if task_name is not None and (not isinstance(task_name, str) or not task_name.strip()):
+            raise TypeError(
+                f"task_name={task_name!r} is not valid: it must be a non-empty string (it names the task in the "
+                "prior's history and model card). Pass e.g. task_name=str(...)."
+            )
         if n_examples is not None and (not isinstance(n_examples, int) or isinstance(n_examples, bool) or n_examples < 1):
             raise ValueError(f"n_examples={n_examples!r} is not valid: it must be an integer >= 1 (the task's data size).")
         meta_in = dict(metadata or {})

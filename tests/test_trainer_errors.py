@@ -152,6 +152,8 @@ def test_consolidate_refuses_bad_requests_before_any_work(tmp_path: Path, monkey
         trainer.consolidate(dataset=ds, metadata={"model": model})
     with pytest.raises(ValueError, match="n_examples=0"):
         trainer.consolidate(dataset=ds, n_examples=0)
+    with pytest.raises(TypeError, match=r"task_name=3 is not valid: it must be a non-empty string"):
+        trainer.consolidate(dataset=ds, task_name=3)
     assert trainer.prior is None
 
 
