@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .prior import Prior
+from .serialization import DEFAULT_PRIOR_SUBFOLDER
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
 _PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -18,8 +20,10 @@ _PENALTY_TEXT = {
     "kfac": "Kronecker-factored (K-FAC) Laplace",
     "ewc": "diagonal Fisher (EWC)",
     "l2": "L2-to-anchor",
-    "none": "no",
 }
+
+_SHAPE_PENALTY = {"identity": "l2", "diag": "ewc", "kfac": "kfac"}
+"""The penalty that uses a prior of each shape (the inverse of ``trainer_config.PENALTY_SHAPES``)."""
 
 
 def _template() -> Path:
@@ -95,7 +99,7 @@ def render_model_card(
     model_module: str | None = None,
     base_model: str | None = None,
     penalty: str | None = None,
-    prior_subfolder: str = "fisher",
+    prior_subfolder: str = DEFAULT_PRIOR_SUBFOLDER,
     accuracy: Sequence[Sequence[float | None]] | None = None,
     task_names: Sequence[str] | None = None,
     tags: Sequence[str] = (),
@@ -110,8 +114,14 @@ def render_model_card(
     ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] (accuracy on task j after
     task i), taken from the tasks' ``metadata["accuracy"]`` dicts when not given.
     ``model_class`` / ``model_module`` (the trained model's class and module) choose how the
-    "Continue training" snippet loads the model (:func:`loading_code`).
+    "Continue training" snippet loads the model (:func:`loading_code`). The penalty the card names
+    (and its snippet uses) is ``penalty``, except ``"none"`` or no penalty: then the one that uses
+    the prior's shape (``identity`` -> ``l2``, ``diag`` -> ``ewc``, ``kfac`` -> ``kfac``), so that the
+    snippet runs; a run with ``penalty="none"`` is said to have carried the prior along unapplied.
+    The snippet passes ``prior_subfolder`` when it is not ``fisher``.
     """
+    unapplied = penalty is not None and str(penalty) == "none"
+    given = None if penalty is None or unapplied else str(penalty)
     tasks = []
     for t in prior.tasks:
         md = t.metadata or {}
@@ -121,7 +131,7 @@ def render_model_card(
                 "name": t.name,
                 "n_examples": t.n_examples,
                 "date": t.date[:10],
-                "penalty": md.get("penalty", penalty or "–"),
+                "penalty": md.get("penalty", given or "–"),
                 "lam": md.get("lambda", "–"),
                 "fisher_type": fisher.get("fisher_type", "–"),
                 "shape": fisher.get("shape", "–"),
@@ -131,8 +141,9 @@ def render_model_card(
     names = list(task_names or [t.name for t in prior.tasks])
     if accuracy is None:
         accuracy = accuracy_from_history(prior)
-    pen = penalty or (tasks[-1]["penalty"] if tasks else str(prior.config.shape))
-    pen = {"identity": "l2", "diag": "ewc"}.get(pen, pen)
+    shape = str(prior.config.shape)
+    pen = given or _SHAPE_PENALTY.get(shape) or (tasks[-1]["penalty"] if tasks else shape)
+    pen = _SHAPE_PENALTY.get(pen, pen)
     card_data = ModelCardData(
         library_name="hf_kfac",
         base_model=base_model,
@@ -153,6 +164,10 @@ def render_model_card(
         base_model=base_model,
         penalty_description=_PENALTY_TEXT.get(pen, pen),
         prior_subfolder=prior_subfolder,
+        prior_subfolder_arg=(
+            "" if prior_subfolder == DEFAULT_PRIOR_SUBFOLDER else f", prior_subfolder={json.dumps(prior_subfolder)}"
+        ),
+        unapplied=unapplied,
         tasks=tasks,
         prior=prior_info,
         last_lambda=last_lambda,

@@ -757,14 +757,18 @@ class Prior:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
         model: nn.Module | None = None,
     ) -> "Prior":
-        """Load a prior from a local folder, or from a Hub repo (``subfolder`` defaults to ``fisher``).
+        """Load a prior from a local folder, or from a Hub repo.
 
-        A local folder is tried first: the folder itself if it holds ``prior_config.json``,
-        else its ``subfolder``. Otherwise ``path_or_repo`` is a Hub repo id, downloaded with
-        ``huggingface_hub.snapshot_download`` restricted to the prior's JSON and safetensors
-        files, so caching, revisions, tokens and ``HF_HUB_OFFLINE`` behave as usual.
+        A local folder is tried first (with ``revision`` given, a local folder named like the repo
+        is refused rather than read in its place); otherwise ``path_or_repo`` is a Hub repo id,
+        read through ``huggingface_hub``: ``prior_config.json`` first, then only the safetensors
+        files it lists, so caching, revisions, tokens and ``HF_HUB_OFFLINE`` behave as usual and
+        ``force_download=True`` replaces a damaged cache. The prior is looked for in ``subfolder``
+        alone when one is given (``""``: the root; a local folder that is itself a prior folder is
+        read as is), else in ``fisher/`` or at the root, whichever holds one; both is an error.
         When ``model`` is given, the prior is checked against it. A local prior folder that an
         interrupted save left missing is restored first, with a warning.
         """
@@ -779,6 +783,7 @@ class Prior:
                 token=token,
                 cache_dir=cache_dir,
                 local_files_only=local_files_only,
+                force_download=force_download,
             )
         prior = cls.load_folder(folder, model=model)
         if model is not None:

@@ -79,7 +79,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (it is process-wide state)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
@@ -123,7 +123,7 @@ def _write_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # UTF-8 whatever the locale
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -293,7 +293,7 @@ def _discard_leftovers(target: Path) -> None:
 def _is_complete(folder: Path) -> bool:
     """Whether ``folder`` holds a config whose every listed file exists with its recorded SHA-256."""
     try:
-        with open(folder / PRIOR_CONFIG_NAME) as f:
+        with open(folder / PRIOR_CONFIG_NAME, encoding="utf-8") as f:
             config = json.load(f)
         files = config["files"]
         if not isinstance(files, dict) or not files:
@@ -360,6 +360,33 @@ def restore_interrupted_save(target: str | os.PathLike) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading
+def hub_cache_repo(path: str | os.PathLike) -> tuple[str, Path] | None:
+    """``(repo id, the repo's cache folder)`` when ``path`` lies in a Hugging Face Hub cache snapshot, else ``None``.
+
+    A cache (``huggingface_hub.constants.HF_HUB_CACHE``, or any ``cache_dir=``) holds a repo's files
+    under ``<type>s--<namespace>--<name>/snapshots/<commit>/``, as links into its ``blobs/``.
+    """
+    parts = Path(os.path.abspath(path)).parts
+    for i in range(len(parts) - 2, 0, -1):
+        kind, _, name = parts[i - 1].partition("--")
+        if parts[i] == "snapshots" and kind in ("models", "datasets", "spaces") and name:
+            return name.replace("--", "/"), Path(*parts[:i])
+    return None
+
+
+def corruption_fix(path: str | os.PathLike, otherwise: str = _FIX) -> str:
+    """How to fix a damaged prior file: a fresh download for a file of the Hub cache, else ``otherwise``."""
+    cached = hub_cache_repo(path)
+    if cached is None:
+        return otherwise
+    repo_id, folder = cached
+    return (
+        "It is a file of the Hugging Face cache, damaged since its download: download it again with "
+        f"Prior.from_pretrained({repo_id!r}, force_download=True), or delete the repo's cache folder {str(folder)!r} "
+        "and load again."
+    )
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """Read and parse the config JSON of a prior folder, with clear errors."""
     folder = Path(folder)
@@ -372,22 +399,24 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
             "(a prior folder holds prior_config.json and prior*.safetensors; save one with Prior.save_pretrained)."
         )
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PriorFileError(f"{str(path)!r} is corrupted (not valid JSON: {e}). Restore it from a backup or re-run consolidation.") from e
+        raise PriorFileError(f"{str(path)!r} is corrupted (not valid JSON: {e}). {corruption_fix(path)}") from e
     if not isinstance(config, dict):
-        raise PriorFileError(f"{str(path)!r} is corrupted: expected a JSON object. {_FIX}")
+        raise PriorFileError(f"{str(path)!r} is corrupted: expected a JSON object. {corruption_fix(path)}")
     return config
 
 
 def _check_file_name(cfg_path: Path, field: str, name: Any) -> None:
     if not isinstance(name, str):
-        raise PriorFileError(f"{str(cfg_path)!r} is corrupted: `{field}` names a file {name!r} that is not a string. {_FIX}")
+        raise PriorFileError(
+            f"{str(cfg_path)!r} is corrupted: `{field}` names a file {name!r} that is not a string. {corruption_fix(cfg_path)}"
+        )
     if "/" in name or "\\" in name or name.startswith(".") or not is_prior_file(name) or name == PRIOR_CONFIG_NAME:
         raise PriorFileError(
             f"{str(cfg_path)!r} is corrupted: `{field}` names an unexpected file {name!r} (a prior's tensors are in "
-            f"{PRIOR_WEIGHTS_NAME} or prior-NNNNN-of-NNNNN.safetensors of the same folder). {_FIX}"
+            f"{PRIOR_WEIGHTS_NAME} or prior-NNNNN-of-NNNNN.safetensors of the same folder). {corruption_fix(cfg_path)}"
         )
 
 
@@ -400,31 +429,40 @@ def load_tensor_folder(folder: str | os.PathLike, config: dict[str, Any], verify
     for field, value in (("files", files), ("weight_map", weight_map)):
         if not isinstance(value, dict):
             problem = "is missing" if value is None else f"should be a JSON object, not {type(value).__name__}"
-            raise PriorFileError(f"{str(cfg_path)!r} is corrupted: `{field}` {problem}. {_FIX}")
+            raise PriorFileError(f"{str(cfg_path)!r} is corrupted: `{field}` {problem}. {corruption_fix(cfg_path)}")
     for filename, digest in files.items():
         _check_file_name(cfg_path, "files", filename)
         if not isinstance(digest, str):
-            raise PriorFileError(f"{str(cfg_path)!r} is corrupted: `files[{filename!r}]` should be a SHA-256 string, not {digest!r}. {_FIX}")
+            raise PriorFileError(
+                f"{str(cfg_path)!r} is corrupted: `files[{filename!r}]` should be a SHA-256 string, not {digest!r}. "
+                f"{corruption_fix(cfg_path)}"
+            )
     for key, filename in weight_map.items():
         _check_file_name(cfg_path, f"weight_map[{key!r}]", filename)
         if filename not in files:
             raise PriorFileError(
-                f"{str(cfg_path)!r} is corrupted: `weight_map[{key!r}]` names {filename!r}, which `files` does not list. {_FIX}"
+                f"{str(cfg_path)!r} is corrupted: `weight_map[{key!r}]` names {filename!r}, which `files` does not list. "
+                f"{corruption_fix(cfg_path)}"
             )
     tensors: dict[str, Tensor] = {}
     for filename, digest in files.items():
         path = folder / filename
         if not path.is_file():
-            raise PriorFileError(f"prior file {str(path)!r} is missing; the prior in {str(folder)!r} is incomplete.")
+            raise PriorFileError(
+                f"prior file {str(path)!r} is missing; the prior in {str(folder)!r} is incomplete."
+                + (f" {corruption_fix(path)}" if hub_cache_repo(path) is not None else "")
+            )
         if verify and sha256_file(path) != digest:
             raise PriorFileError(
                 f"prior file {str(path)!r} is corrupted: its SHA-256 does not match the one recorded in "
-                f"{PRIOR_CONFIG_NAME}. Restore it, or re-run consolidation to rebuild the prior."
+                f"{PRIOR_CONFIG_NAME}. {corruption_fix(path, 'Restore it, or re-run consolidation to rebuild the prior.')}"
             )
         try:
             part = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise PriorFileError(f"prior file {str(path)!r} is corrupted and cannot be read as safetensors: {e}") from e
+            raise PriorFileError(
+                f"prior file {str(path)!r} is corrupted and cannot be read as safetensors: {e}. {corruption_fix(path)}"
+            ) from e
         for key, value in part.items():
             if weight_map.get(key) != filename:
                 raise PriorFileError(f"tensor {key!r} in {filename!r} is not listed for that file in the weight map.")

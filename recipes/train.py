@@ -100,7 +100,7 @@ class RecipeArguments:
     prior: str | None = field(default=None, metadata={"help": "Continue from a saved/pushed model+prior (folder or Hub repo id)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push model+prior to the Hub after each task (via the trainer)."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repo id (with push_to_hub); '{method}' is replaced."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the logged-in one); set into HF_TOKEN for this process only and written to no file (prefer HF_TOKEN: a flag is visible to other users in the process list)."})
     merge_runs: list[str] = field(default_factory=list, metadata={"help": "Merge the per-method results of these output dirs into output_dir, then exit.", "nargs": "+"})
     resume: bool = field(default=True, metadata={"help": "Skip tasks a previous run of the same method already finished."})
     save_models: str = field(default="last", metadata={"help": "Keep saved model+prior of: all tasks, the last one, or none."})
@@ -132,14 +132,23 @@ def parse_args(argv: list[str] | None = None) -> RecipeArguments:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{known.config}: unknown option(s) {unknown}; see recipes/train.py --help")
+        types = {f.name: str(f.type) for f in fields(RecipeArguments)}
         for k, v in list(data.items()):
             if isinstance(v, list) and k != "merge_runs":
-                data[k] = ",".join(str(x) for x in v)
-            elif isinstance(v, dict):
-                data[k] = ",".join(f"{a}={b}" for a, b in v.items())
+                data[k] = ",".join(_yaml_scalar(x) for x in v)
+            elif isinstance(v, dict):  # {kfac: [10, 100], ewc: 3} -> 'kfac=10,100;ewc=3'
+                data[k] = ";".join(f"{a}=" + (",".join(_yaml_scalar(x) for x in b) if isinstance(b, list)
+                                              else _yaml_scalar(b)) for a, b in v.items())
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and types[k].startswith("str"):
+                data[k] = _yaml_scalar(v)  # 'lambdas: 100', 'epochs: 2': the option is a string
         parser.set_defaults(**data)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     return resolve_profile(args)
+
+
+def _yaml_scalar(x: Any) -> str:
+    """A YAML scalar as the option string (floats in their shortest form: 1e-4, not 0.0001)."""
+    return repr(x) if isinstance(x, float) else str(x)
 
 
 def resolve_profile(args: RecipeArguments) -> RecipeArguments:
@@ -157,15 +166,48 @@ def resolve_profile(args: RecipeArguments) -> RecipeArguments:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHOD_PENALTY)}")
     if args.save_models not in ("all", "last", "none"):
         raise ValueError("save_models must be all, last or none")
+    # checked now, not after a first task was trained: numbers, known task names, no task twice
+    n_tasks = len(resolve_task_names(args.tasks))
+    per_task(args.epochs, n_tasks, "epochs")
+    per_task(args.learning_rate, n_tasks, "learning_rate")
+    for s in _split(args.eval_splits) + [args.report_split]:
+        if s not in ("dev", "test"):
+            raise ValueError(f"--eval_splits / --report_split: unknown split {s!r}; use dev and/or test")
     return args
+
+
+def resolve_task_names(spec: str) -> list[str]:
+    """The canonical built-in task names of ``--tasks`` (aliases resolved); a task named twice is an error."""
+    from hf_kfac.el.builtin import _canonical_task_name
+
+    names = [_canonical_task_name(t) for t in _split(spec)]
+    if not names:
+        raise ValueError("--tasks is empty; give e.g. 'A,B,C'")
+    seen: dict[str, str] = {}
+    for given, name in zip(_split(spec), names):
+        if name in seen:
+            raise ValueError(f"--tasks names {name!r} twice ({seen[name]!r} and {given!r}); each task may appear "
+                             "once in the sequence")
+        seen[name] = given
+    return names
 
 
 def _split(s: str | None) -> list[str]:
     return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
+def _number(text: str, flag: str, whole: str) -> float:
+    """``float(text)``, or a ValueError naming the option."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--{flag}: {text!r} is not a number (in {whole!r}); give numbers such as 2 or 1e-4") from None
+
+
 def per_task(value: str | float | int, n: int, what: str) -> list[float]:
-    vals = [float(x) for x in _split(str(value))]
+    vals = [_number(x, what, str(value)) for x in _split(str(value))]
+    if not vals:
+        raise ValueError(f"--{what}: no value given; give one value or one per task ({n})")
     if len(vals) == 1:
         return vals * n
     if len(vals) != n:
@@ -173,21 +215,34 @@ def per_task(value: str | float | int, n: int, what: str) -> list[float]:
     return vals
 
 
-def parse_method_values(spec: str, methods: list[str]) -> dict[str, list[float]]:
-    """'1,10' (every penalty method) or 'ewc=1,10;kfac=10' / 'ewc=100,kfac=100' -> {method: [values]}."""
-    spec = (spec or "").strip()
+def parse_method_values(spec: str | float | int, methods: list[str], flag: str = "lambdas",
+                        valid: tuple[str, ...] = PENALTY_METHODS) -> dict[str, list[float]]:
+    """'1,10' (every penalty method) or 'ewc=1,10;kfac=10' / 'ewc=100,kfac=100' -> {method: [values]}.
+
+    A key outside ``valid`` is an error (a typo would otherwise be ignored); with ``methods``, a key
+    that is valid but not among them is warned about (its values are unused)."""
+    spec = str(spec if spec is not None else "").strip()
     if not spec:
         return {}
     if "=" not in spec:
-        vals = [float(x) for x in _split(spec)]
-        return {m: vals for m in methods if m in PENALTY_METHODS}
+        vals = [_number(x, flag, spec) for x in _split(spec)]
+        return {m: vals for m in methods if m in valid}
     out: dict[str, list[float]] = {}
     parts = spec.split(";") if ";" in spec else _merge_eq_parts(spec)
     for part in parts:
         if not part.strip():
             continue
+        if "=" not in part:
+            raise ValueError(f"--{flag}: {part.strip()!r} has no 'name='; write e.g. 'ewc=1,10;kfac=10'")
         name, vals = part.split("=", 1)
-        out[name.strip()] = [float(x) for x in _split(vals)]
+        name = name.strip()
+        if name not in valid:
+            raise ValueError(f"--{flag}: unknown name {name!r} in {spec!r}; valid names: {', '.join(valid)}")
+        out[name] = [_number(x, flag, spec) for x in _split(vals)]
+        if not out[name]:
+            raise ValueError(f"--{flag}: no value given for {name!r} in {spec!r}")
+        if methods and name not in methods:
+            logger.warning("--%s gives %s, which is not among --methods (%s): unused", flag, name, ",".join(methods))
     return out
 
 
@@ -208,7 +263,7 @@ def load_tasks(args: RecipeArguments) -> list[Any]:
     from hf_kfac.el import ELTask, load_builtin_task
 
     out = []
-    for name in _split(args.tasks):
+    for name in resolve_task_names(args.tasks):
         task = load_builtin_task(name)
         if args.n_concepts is not None and args.require_eval_concepts:
             keep = {c for _, c in task.dev} | {c for _, c in task.test}
@@ -304,6 +359,25 @@ def _data_model_keys(a: RecipeArguments) -> dict[str, Any]:
                 head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string)
 
 
+def data_options(a: RecipeArguments, tasks: list[Any]) -> dict[str, Any]:
+    """What makes two runs' evaluations pairable item by item: the tasks, the data subset and evaluated
+    items, the model and its starting point. Recorded in progress.json; ``--merge_runs`` refuses runs
+    that differ in any of these (naming the option)."""
+    return dict(_data_model_keys(a), tasks=[t.name for t in tasks], prior=a.prior)
+
+
+# options left out of a recorded config: the secret, and what belongs to one command rather than the run
+_UNRECORDED = ("hub_token", "merge_runs", "config", "quiet")
+
+
+def recorded_config(a: RecipeArguments, splits: list[str] | None = None) -> dict[str, Any]:
+    """The resolved options of a run, as stored in progress.json and results.json (never the Hub token)."""
+    cfg = {k: v for k, v in asdict(a).items() if k not in _UNRECORDED}
+    if splits is not None:
+        cfg["eval_splits"] = ",".join(splits)
+    return _clean(cfg)
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -389,7 +463,7 @@ def continual_config(args: RecipeArguments, method: str, lam: float, n_train: in
         dataloader_pin_memory=False,
         push_to_hub=args.push_to_hub,
         hub_model_id=hub_id,
-        hub_token=args.hub_token,
+        hub_token=None,  # never stored: the token travels in HF_TOKEN (see _main), not in training_args.bin
         hub_strategy="end",
     )
 
@@ -412,9 +486,22 @@ class MethodRun:
                 "tasks": [t.name for t in self.tasks], "rows": [], "row_task": [], "start_rows": None,
                 "train_time": [], "consolidation_time": [], "eval_time": [], "lambda_abs": [], "n_train": [],
                 "checkpoint": None, "complete": False, "fingerprint": self.fingerprint(),
-                "profile": self.args.profile, "model": self.args.model, "encoder": self.args.encoder}
+                "profile": self.args.profile, "model": self.args.model, "encoder": self.args.encoder,
+                "data_options": data_options(self.args, self.tasks),
+                "data_fingerprint": _fingerprint(data_options(self.args, self.tasks)),
+                "config": recorded_config(self.args, self.splits)}
 
-    def fingerprint(self) -> str:
+    def matches(self, st: dict[str, Any]) -> bool:
+        """Whether the saved state ``st`` was made with this run's options. A state of an older recipe,
+        which kept the evaluated splits in the order given (its rows' order), matches too."""
+        if st.get("fingerprint") == self.fingerprint():
+            return True
+        rows = st.get("rows") or []
+        legacy = list(rows[0]) if rows and isinstance(rows[0], dict) else []
+        return (set(legacy) == set(self.splits) and legacy != self.splits
+                and st.get("fingerprint") == self.fingerprint(legacy))
+
+    def fingerprint(self, splits: list[str] | None = None) -> str:
         a = self.args
         storage = method_storage(a, self.method)
         keys = dict(_data_model_keys(a), tasks=[t.name for t in self.tasks], epochs=a.epochs, lr=a.learning_rate,
@@ -422,7 +509,7 @@ class MethodRun:
                     a.fisher_max_examples, a.fisher_batch_size, a.kfac_approx, a.fisher_exclude],
                     prior_opts=[a.prior_damping, a.prior_accumulation, a.prior_task_weighting, a.prior_decay]
                     + ([storage] if storage != "full" and self.penalty == "kfac" else []),
-                    splits=self.splits)
+                    splits=self.splits if splits is None else splits)
         return _fingerprint(keys)
 
     def _stage0_key(self) -> str:
@@ -460,8 +547,18 @@ class MethodRun:
         state = self._new_state()
         if args.resume and self._state_path().is_file():
             old = json.loads(self._state_path().read_text())
-            if old.get("fingerprint") == state["fingerprint"]:
+            if self.matches(old):
+                # a run of an older recipe: the splits in the canonical order, and what it did not record
+                changed = old.get("fingerprint") != state["fingerprint"]
+                if changed:
+                    old["fingerprint"] = state["fingerprint"]
+                    old["rows"] = [{sp: row[sp] for sp in self.splits} for row in old["rows"]]
+                added = [k for k in ("data_options", "data_fingerprint", "config") if k not in old]
+                for k in added:
+                    old[k] = state[k]
                 state = old
+                if (added or changed) and _is_main():
+                    _write_json(self._state_path(), state)
                 if state.get("complete"):
                     logger.info("[%s] already complete in %s", self.tag, self.run_dir)
                     return state
@@ -550,7 +647,10 @@ class MethodRun:
                 t0 = time.perf_counter()
                 trainer.consolidate(task_name=task.name, n_examples=len(ds), metadata={
                     "recipe_method": self.method, "lambda_relative": self.lam, "stage": i,
-                    "dev_or_test": {s: [None if r is None else r["acc1"] for r in row[s]] for s in self.splits}})
+                    "dev_or_test": {s: [None if r is None else r["acc1"] for r in row[s]] for s in self.splits},
+                    # what the model card's accuracy table reads: task name -> acc@1 on the reported split
+                    "accuracy": {t.name: r["acc1"] for t, r in zip(self.tasks, row[args.report_split])
+                                 if r is not None}, "accuracy_split": args.report_split})
                 ct = time.perf_counter() - t0
                 prior = trainer.prior
             state["rows"].append(row)
@@ -678,6 +778,15 @@ def method_entry(state: dict[str, Any], split: str, baseline: dict[str, Any] | N
     entry.update(stats)
     if baseline is state:
         entry["reduction"], entry["reduction_ci"] = 0.0, [0.0, 0.0]
+    elif entry.get("reduction") is None or (isinstance(entry["reduction"], float) and math.isnan(entry["reduction"])):
+        # always present: null, with the reason
+        if baseline is None:
+            why = "no finetune run to compare with (add finetune to --methods or --merge_runs)"
+        elif base_flags is None:
+            why = "the finetune run has another number of evaluation rows (e.g. one continued from --prior)"
+        else:
+            why = "finetune forgets nothing (forgetting <= 0): the reduction is undefined"
+        entry["reduction"], entry["reduction_ci"], entry["reduction_reason"] = None, None, why
     from hf_kfac.el.evaluation import forgetting
 
     entry["forgetting_per_task"] = forgetting(R, starts)[0]
@@ -686,34 +795,46 @@ def method_entry(state: dict[str, Any], split: str, baseline: dict[str, Any] | N
     return entry
 
 
+def _is_method_dir(path: Path) -> bool:
+    return (path / "progress.json").is_file() or (path / "selected.json").is_file()
+
+
 def collect_states(run_roots: list[Path]) -> dict[str, dict[str, Any]]:
-    """method -> final state (λ already selected) from ``<root>/runs/<method>/...`` or run dirs."""
+    """method -> final state (λ already selected), from output dirs (``<root>/runs/<method>/...``),
+    ``runs`` folders, or method folders (a method folder gives that method only). A method found
+    in two places is an error naming both."""
     out: dict[str, dict[str, Any]] = {}
     for root in run_roots:
         root = Path(root)
-        cands = [root / "runs"] if (root / "runs").is_dir() else [root.parent] if (root / "progress.json").is_file() or (root / "selected.json").is_file() else [root]
-        for base in cands:
-            for mdir in sorted(p for p in base.iterdir() if p.is_dir()):
-                sel = mdir / "selected.json"
-                if sel.is_file():
-                    st = json.loads(sel.read_text())
-                elif (mdir / "progress.json").is_file():
-                    st = json.loads((mdir / "progress.json").read_text())
-                else:
-                    continue
-                if not st.get("complete"):
-                    logger.warning("%s is not complete; left out", mdir)
-                    continue
-                if st["method"] in out:
-                    logger.warning("method %s found again in %s; the later one is used", st["method"], mdir)
-                st["run_dir"] = str(mdir)
-                out[st["method"]] = st
+        if not root.is_dir():
+            raise ValueError(f"--merge_runs: {root} is not a folder")
+        if _is_method_dir(root):
+            mdirs = [root]
+        else:
+            base = root / "runs" if (root / "runs").is_dir() else root
+            mdirs = sorted(p for p in base.iterdir() if p.is_dir() and _is_method_dir(p))
+        for mdir in mdirs:
+            sel = mdir / "selected.json"
+            st = json.loads((sel if sel.is_file() else mdir / "progress.json").read_text())
+            if not st.get("complete"):
+                logger.warning("%s is not complete; left out", mdir)
+                continue
+            if st["method"] in out:
+                raise ValueError(f"--merge_runs: method {st['method']} is found twice, in {out[st['method']]['run_dir']} "
+                                 f"and in {mdir}; name the method folders to merge (e.g. <out>/runs/{st['method']}) "
+                                 "so that each method comes from one of them")
+            st["run_dir"] = str(mdir)
+            out[st["method"]] = st
     return out
 
 
-def _describe_from_runs(args: RecipeArguments, states: dict[str, dict[str, Any]]) -> None:
-    """Merging: take profile, model and encoder from the runs themselves (runs made before these were
-    recorded keep the merge command's values); runs that disagree cannot share one table."""
+def _describe_from_runs(args: RecipeArguments, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Merging: check that the runs are pairable and take their options from the runs themselves.
+
+    Runs whose recorded data options differ (tasks, data subset, evaluated items, model, seed...)
+    cannot share one table of paired comparisons: a ValueError names the option. Profile, model,
+    encoder and the options every run recorded alike (e.g. ``n_boot``) replace the merge command's;
+    returns the common recorded config (runs made before configs were recorded keep the command's)."""
     for key in ("profile", "model", "encoder"):
         values = {st[key] for st in states.values() if st.get(key) is not None}
         if len(values) > 1:
@@ -724,10 +845,33 @@ def _describe_from_runs(args: RecipeArguments, states: dict[str, dict[str, Any]]
             if getattr(args, key) != value:
                 logger.info("merge: %s %r, as recorded by the runs", key, value)
             setattr(args, key, value)
+    recorded = {m: st["data_options"] for m, st in states.items() if st.get("data_options") is not None}
+    unrecorded = sorted(set(states) - set(recorded))
+    if unrecorded:
+        logger.warning("merge: the runs of %s recorded no data options (an older recipe); that they were made on "
+                       "the same data and evaluation items cannot be checked", ", ".join(unrecorded))
+    if recorded:
+        ref_m, ref = next(iter(recorded.items()))
+        for m, opts in recorded.items():
+            for key in sorted(set(ref) | set(opts)):
+                if ref.get(key) != opts.get(key):
+                    raise ValueError(
+                        f"the runs to merge differ in {key} ({ref_m}: {ref.get(key)!r}, {m}: {opts.get(key)!r}; "
+                        f"{states[ref_m]['run_dir']} vs {states[m]['run_dir']}): their evaluations cannot be paired; "
+                        f"merge runs made with the same {key}")
+    configs = [st["config"] for st in states.values() if st.get("config") is not None]
+    common: dict[str, Any] = {}
+    if configs and len(configs) == len(states):
+        common = {k: v for k, v in configs[0].items() if all(c.get(k) == v for c in configs[1:])}
+        for k in ("n_boot", "eval_splits", "n_concepts", "max_train", "max_eval", "subset_seed", "seed", "epochs",
+                  "learning_rate", "batch_size", "eval_batch_size", "lambda_relative", "prior"):
+            if k in common and hasattr(args, k):
+                setattr(args, k, common[k])
+    return common
 
 
 def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir: Path,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write results.json, results.md and accuracy.png for the methods' final states."""
     if not states:
         raise ValueError("no complete method run to summarize")
@@ -745,6 +889,8 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
             raise ValueError(f"method {m} was not evaluated on {split!r}")
         methods[m] = method_entry(st, split, baseline, args.n_boot or 1000)
         methods[m]["run_dir"] = st.get("run_dir")
+        if st.get("config") is not None:
+            methods[m]["config"] = st["config"]
         grid = grid_entries(st, split, baseline, args.n_boot or 1000, chosen_entry=methods[m])
         if grid:
             methods[m]["lambda_grid"] = grid
@@ -756,7 +902,7 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
         "split": split,
         "metric": "accuracy@1 (R[i][j]: task j after training task i)",
         "methods": methods,
-        "config": _clean(asdict(args)),
+        "config": config if config is not None else recorded_config(args),
     }
     if extra:
         results.update(extra)
@@ -952,7 +1098,7 @@ def finished_grid_runs(args: RecipeArguments, method: str, tasks: list[Any], roo
         lam = st.get("lambda")
         if lam is None or lam in skip or not st.get("complete"):
             continue
-        if st.get("fingerprint") != MethodRun(args, method, lam, tasks, d, splits, shared).fingerprint():
+        if not MethodRun(args, method, lam, tasks, d, splits, shared).matches(st):
             logger.warning("[%s] %s was run with other options; left out of the λ selection", method, d)
             continue
         logger.info("[%s] λ=%g: finished run found in %s, included in the λ selection", method, lam, d)
@@ -998,7 +1144,10 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
     n_workers, worker = args.budget_workers, args.budget_worker
     if n_workers < 1 or not 0 <= worker < n_workers:
         raise ValueError(f"--budget_worker must be in 0..{n_workers - 1} (--budget_workers {n_workers}), got {worker}")
-    grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [])
+    grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [], "tune_budget",
+                               valid=("epochs", "learning_rate"))
+    if not grid:
+        raise ValueError(f"--tune_budget {args.tune_budget!r}: name the grid, e.g. 'epochs=1,2;learning_rate=1e-4,2e-4'")
     epochs_grid = grid.get("epochs") or per_task(args.epochs, len(tasks), "epochs")[:1]
     lr_grid = grid.get("learning_rate") or per_task(args.learning_rate, len(tasks), "learning_rate")[:1]
     points = [(float(ep), float(lr)) for ep in epochs_grid for lr in lr_grid]
@@ -1060,14 +1209,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
+    token_env = {k: os.environ.get(k) for k in ("HF_TOKEN",)}
     try:
         return _main(argv)
     finally:
         torch.set_num_threads(threads)
+        for k, v in token_env.items():  # --hub_token is set into HF_TOKEN for this run only
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def use_hub_token(args: RecipeArguments) -> None:
+    """Move ``--hub_token`` into ``HF_TOKEN`` for this process (huggingface_hub reads it on every call)
+    and blank the option, so that it reaches no results.json, progress.json or training_args.bin."""
+    if args.hub_token:
+        os.environ["HF_TOKEN"] = args.hub_token
+        args.hub_token = None
+        logger.info("--hub_token: used through HF_TOKEN for this process; it is written to no file")
+
+
+def eval_splits(args: RecipeArguments, methods: list[str], grids: dict[str, list[float]]) -> list[str]:
+    """The splits evaluated after each task, in a fixed order (``test,dev`` and ``dev,test`` are one option)."""
+    splits = set(_split(args.eval_splits))
+    if any(m in grids for m in methods):
+        splits.add("dev")
+    splits.add(args.report_split)
+    return [s for s in ("dev", "test") if s in splits]
+
+
+def check_eval_items(args: RecipeArguments, tasks: list[Any], splits: list[str]) -> None:
+    """Every task has items in every evaluated split (checked before any training)."""
+    from hf_kfac.el.evaluation import eval_pairs
+
+    for task in tasks:
+        for split in splits:
+            if not eval_pairs(task, split, args.max_eval, args.subset_seed):
+                raise ValueError(
+                    f"task {task.name!r} has no {split} items with --n_concepts {args.n_concepts} and --subset_seed "
+                    f"{args.subset_seed} (its sampled concepts have no {split} mentions); raise --n_concepts or try "
+                    "another --subset_seed" + ("" if args.require_eval_concepts else
+                                               ", or set --require_eval_concepts true"))
 
 
 def _main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    use_hub_token(args)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_kfac.recipe").setLevel(logging.WARNING if args.quiet else logging.INFO)
@@ -1082,28 +1270,30 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.output_dir)
     if args.merge_runs:
         states = collect_states([Path(p) for p in args.merge_runs])
-        _describe_from_runs(args, states)
-        results = summarize(args, states, out_dir, {"merged_from": list(args.merge_runs)})
+        common = _describe_from_runs(args, states)
+        config = dict(common or recorded_config(args), report_split=args.report_split)
+        results = summarize(args, states, out_dir, {"merged_from": list(args.merge_runs)}, config=config)
         print((out_dir / "results.md").read_text())
         return results
     t_start = time.perf_counter()
+    if args.tune_budget:  # a typo is refused before the tasks are loaded
+        parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [], "tune_budget",
+                            valid=("epochs", "learning_rate"))
     tasks = load_tasks(args)
     for t in tasks:
         logger.info("task %s: %s", t.name, t.stats())
     if args.tune_budget:
+        check_eval_items(args, tasks, ["dev"])  # the budget is chosen on dev
         return tune_budget(args, tasks, out_dir)
     methods = _split(args.methods)
-    fixed = parse_method_values(args.lambdas, methods)
-    grids = parse_method_values(args.lambda_grid, methods)
-    splits = _split(args.eval_splits)
+    fixed = parse_method_values(args.lambdas, methods, "lambdas")
+    grids = parse_method_values(args.lambda_grid, methods, "lambda_grid")
+    splits = eval_splits(args, methods, grids)
+    check_eval_items(args, tasks, splits)
     several = [m for m, v in fixed.items() if len(v) > 1 and m not in grids]
     if several:
         raise ValueError(f"--lambdas gives {len(fixed[several[0]])} values for {several[0]}: give one per method, "
                          f"or search several on dev with --lambda_grid")
-    if any(m in grids for m in methods) and "dev" not in splits:
-        splits.append("dev")
-    if args.report_split not in splits:
-        splits.append(args.report_split)
     states: dict[str, dict[str, Any]] = {}
     shared = out_dir / "runs" / "_shared"
     for m in methods:

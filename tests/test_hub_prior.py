@@ -174,7 +174,8 @@ def test_a_mistyped_local_path_says_no_such_folder_and_no_such_repo(hub_server, 
 
 
 def test_a_prior_at_the_repo_root_loads_as_from_the_same_local_folder(hub_server, tmp_path: Path, caplog) -> None:
-    """The Hub lookup follows the local one (root first, then the subfolder) and fetches only the prior's files."""
+    """The Hub lookup follows the local one (``subfolder=""``: the root only; the default refuses a root and a
+    ``fisher/`` that both hold a prior) and fetches only the prior's files."""
     import shutil
 
     model, prior, folder = _model_and_prior(tmp_path)
@@ -190,13 +191,17 @@ def test_a_prior_at_the_repo_root_loads_as_from_the_same_local_folder(hub_server
     api = HfApi(endpoint=hub_server.endpoint, token=hub_server.token)
     repo = api.create_repo("org/root-prior").repo_id
     api.upload_folder(repo_id=repo, folder_path=str(folder))
-    for sub in (None, "", ".", "./"):
+    for sub in ("", ".", "./"):
         local, hub = Prior.from_pretrained(folder, subfolder=sub), Prior.from_pretrained(repo, subfolder=sub)
         assert hub.num_tasks == local.num_tasks == 1, sub  # the root's prior, not fisher/'s
         for k, v in prior.state_dict().items():
             assert torch.equal(hub.state_dict()[k], v)
-    # neither the model weights nor its config were downloaded, even with subfolder "" (the whole root)
-    assert _fetched(repo) == {"prior_config.json", "prior.safetensors", "fisher/prior_config.json", "fisher/prior.safetensors"}
+    for source in (folder, repo):  # two priors and no subfolder given: neither is guessed
+        with pytest.raises(PriorFileError, match="holds two hf_kfac priors"):
+            Prior.from_pretrained(source)
+    # neither the model weights nor its config were downloaded, even with subfolder "" (the whole root), nor the
+    # weights of fisher/'s prior, which was never chosen (only its config, to see that it is there)
+    assert _fetched(repo) == {"prior_config.json", "prior.safetensors", "fisher/prior_config.json"}
     # a prior alone at the root is no model: its prior.safetensors is not taken for model weights
     alone = api.create_repo("org/root-prior-only").repo_id
     api.upload_folder(repo_id=alone, folder_path=str(tmp_path / "root-prior"))

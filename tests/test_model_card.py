@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from torch import nn
@@ -74,3 +75,52 @@ def test_the_cards_loading_snippet_loads_the_trained_model_with_its_head(tmp_pat
     assert type(loaded) is BertForSequenceClassification
     for (name, p), (name2, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert name == name2 and torch.equal(p, q)
+
+
+def _continue_training_code(text: str) -> str:
+    """The card's "Continue training" snippet up to the trainer's construction (no data to train on here)."""
+    import re
+
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    lines = code.splitlines()
+    return "\n".join(lines[: next(i for i, ln in enumerate(lines) if ln.startswith("trainer = ")) + 1])
+
+
+@pytest.mark.parametrize(
+    "shape,penalty,subfolder,named",
+    [
+        ("kfac", "kfac", "prior", "kfac"),  # a non-default prior_subfolder
+        ("kfac", "none", "fisher", "kfac"),  # a plain fine-tuning run that carried the prior along
+        ("diag", "none", "laplace/prior", "ewc"),
+        ("identity", "none", "fisher", "l2"),
+    ],
+)
+def test_the_continue_training_snippet_runs_and_loads_the_prior(tmp_path, monkeypatch, shape, penalty, subfolder, named) -> None:
+    """Following the card literally finds the prior (whatever its subfolder) and builds a trainer that uses it."""
+    from oracles import tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    from hf_kfac import estimate_fisher
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    ids = torch.randint(1, 40, (4, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (4,))}
+    prior = Prior(shape=shape)
+    fisher = None if shape == "identity" else estimate_fisher(
+        model, [batch], shape=shape, fisher_type="empirical", progress=False
+    )
+    prior.add_task(model, fisher, "diseases", n_examples=4)
+    folder = tmp_path / "el-model"
+    model.save_pretrained(folder)
+    prior.save_pretrained(folder / subfolder)
+    text = str(render_model_card(prior, repo_id=str(folder), model_class=type(model).__name__,
+                                 model_module=type(model).__module__, penalty=penalty, prior_subfolder=subfolder))
+    assert "none" not in ModelCard(text).data.tags and "adds a\nno penalty" not in text
+    assert ('used `penalty="none"`' in text) == (penalty == "none")  # the unapplied prior is said, not hidden
+    monkeypatch.chdir(tmp_path)  # the snippet's output_dir="next-task"
+    scope: dict = {"new_task": None}
+    exec(_continue_training_code(text), scope)
+    trainer = scope["trainer"]
+    assert str(trainer.args.penalty) == named and trainer.args.penalty_lambda > 0
+    assert trainer.prior.num_tasks == 1 and [t.name for t in trainer.prior.tasks] == ["diseases"]

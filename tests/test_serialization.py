@@ -366,3 +366,40 @@ def test_malformed_config_is_a_prior_file_error_naming_file_field_and_fix(model_
     assert str(cfg_path) in message  # the file
     assert re.search(field, message), message  # the field
     assert "re-run consolidation" in message  # the fix
+
+
+_ASCII_LOCALE_CHILD = r"""
+import json, locale, sys
+from pathlib import Path
+import torch
+from torch import nn
+from hf_kfac import Curvature, Prior
+from hf_kfac.model_card import save_model_card
+assert locale.getpreferredencoding(False).lower().replace("-", "") != "utf8", locale.getpreferredencoding(False)
+d = Path(sys.argv[1])
+model = nn.Linear(3, 2)
+prior = Prior(shape="diag")
+curv = Curvature(diag={k: torch.ones_like(p) for k, p in model.named_parameters()}, n_examples=5)
+prior.add_task(model, curv, "maladies-\u00e9")
+prior.save_pretrained(d / "fisher")
+save_model_card(d, prior, repo_id="org/x")
+# a config as another JSON writer may leave it: raw UTF-8, not \u escapes
+cfg = d / "fisher" / "prior_config.json"
+cfg.write_bytes(json.dumps(json.loads(cfg.read_bytes()), ensure_ascii=False).encode("utf-8"))
+assert Prior.from_pretrained(d).tasks[0].name == "maladies-\u00e9"
+"""
+
+
+def test_text_files_are_read_and_written_as_utf8_under_an_ascii_locale(tmp_path: Path) -> None:
+    """LC_ALL=C makes open()'s default encoding ASCII: the card (λ, γ, –) and the config must not depend on it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]), LC_ALL="C",
+               LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", PYTHONIOENCODING="utf-8")
+    r = subprocess.run([sys.executable, "-c", _ASCII_LOCALE_CHILD, str(tmp_path)], env=env, capture_output=True,
+                       text=True, encoding="utf-8", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = (tmp_path / "README.md").read_bytes().decode("utf-8")
+    assert "| λ |" in card and "maladies-é" in card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "fisher"]  # no temporary file left behind

@@ -1,7 +1,9 @@
 """Entity-linking tasks from users' own data: pair/dictionary files and BigBio KB datasets.
 
 File formats (by extension): ``.jsonl`` / ``.json`` (one JSON object per line, or
-a JSON array of objects), ``.csv`` and ``.tsv`` (with a header row).
+a JSON array of objects), ``.csv`` and ``.tsv`` (with a header row), in UTF-8 (a
+leading byte-order mark is fine; another encoding is a ValueError naming the file).
+JSONL lines end at ``\n`` (or ``\r\n``) only, so strings may hold U+2028 or U+0085.
 
 * Pairs file: fields ``mention`` and ``concept_id``, optionally ``split`` with
   values ``train``, ``dev`` (or ``validation``/``val``) or ``test``.
@@ -20,6 +22,7 @@ file, the line (or item) and the fix.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections import Counter
@@ -41,20 +44,24 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            if not reader.fieldnames:
-                raise ValueError(f"{path}: empty file; the first line must be a header row")
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"{path}: line {reader.line_num}: more values than header "
-                                     f"columns {reader.fieldnames}; quote values that contain "
-                                     "the delimiter")
-                yield f"line {reader.line_num}", row
+        text = _read_text(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty file; the first line must be a header row")
+        for row in reader:
+            if None in row:
+                raise ValueError(f"{path}: line {reader.line_num}: more values than header "
+                                 f"columns {reader.fieldnames}; quote values that contain "
+                                 "the delimiter")
+            if None in row.values():
+                raise ValueError(f"{path}: line {reader.line_num}: fewer values ({sum(v is not None for v in row.values())}) "
+                                 f"than header columns {reader.fieldnames}; fill the missing "
+                                 "values (an empty value still needs its delimiter)")
+            yield f"line {reader.line_num}", row
         return
     if suffix not in (".jsonl", ".json", ".ndjson"):
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .tsv")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -66,7 +73,9 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                                  f"{type(item).__name__}")
             yield f"item {i}", item
         return
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines would also split on U+2028, U+0085 ... inside JSON strings
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -77,6 +86,16 @@ def _read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         if not isinstance(item, dict):
             raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(item).__name__}")
         yield f"line {n}", item
+
+
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a leading byte-order mark is dropped); other encodings are an error."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                         f"{exc.start}); the file must be UTF-8: re-save it as UTF-8, e.g. "
+                         f"iconv -f latin1 -t utf-8") from exc
 
 
 def _field(path: Path, where: str, row: Mapping[str, Any], name: str, example: str) -> str:
@@ -208,7 +227,7 @@ def load_bigbio_kb(
     config: str | None = None,
     dictionary_path: str | os.PathLike[str] | None = None,
     db_name: str | None = None,
-    entity_types: Sequence[str] | None = None,
+    entity_types: str | Sequence[str] | None = None,
     prefix_db_name: bool = True,
     on_unknown: Literal["error", "drop"] = "error",
     dedupe: bool = True,
@@ -235,6 +254,9 @@ def load_bigbio_kb(
     and dev/test pairs of unseen concepts are dropped (counted in ``meta``).
     When the dataset has only a train split, the split rule of ``build_task`` is
     applied to the concepts' synonyms (dictionary synonyms + mentions).
+    ``entity_types`` may be one type (``"Disease"``) or several. When no concept or
+    no pair is left (wrong ``entity_types`` / ``db_name``, or no train split and no
+    ``dictionary_path``), ValueError says so.
     """
     data = _load_hf_dataset(dataset_or_path, config, load_kwargs)
     import datasets
@@ -245,6 +267,10 @@ def load_bigbio_kb(
               else "<dataset>")
     splits: dict[str, list[Pair]] = {}
     counts: Counter[str] = Counter()
+    if on_unknown not in ("error", "drop"):
+        raise ValueError(f"on_unknown must be 'error' or 'drop', got {on_unknown!r}")
+    if isinstance(entity_types, str):  # one type, not its characters
+        entity_types = [entity_types]
     types = set(entity_types) if entity_types is not None else None
     for split_name in data:
         split = _SPLIT_ALIASES.get(split_name.lower())
@@ -308,6 +334,11 @@ def load_bigbio_kb(
             counts[f"dropped_unknown_{split}"] += len(pairs) - len(kept)
         splits[split] = kept
     meta.update(counts)
+    if not concepts or not any(splits.values()):
+        raise ValueError(f"{source}: no concepts or pairs remain (counts: {dict(counts) or 'none'}; splits: "
+                         f"{sorted(splits)}); check entity_types / db_name"
+                         + ("" if dictionary_path is not None else
+                            ", or pass dictionary_path= (without it, concepts come from the train split only)"))
     if set(splits) == {"train"}:
         merged = {cid: (n, list(syns)) for cid, (n, syns) in concepts.items()}
         for mention, cid in splits["train"]:

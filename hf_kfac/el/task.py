@@ -232,8 +232,15 @@ def build_task(
         if nk:
             key_owners.setdefault(nk, set()).add(cid)
         seen = {canonical_form(pref)}
+        if isinstance(syns, (str, bytes)) or syns is None:
+            raise ValueError(f"concept {cid!r}: synonyms must be a list of strings, got "
+                             f"{type(syns).__name__} {syns!r}; write ({pref!r}, [{syns!r}]) for one synonym, "
+                             "or [] for none")
         for syn in syns:
-            syn = " ".join(str(syn).split())
+            if not isinstance(syn, str):
+                raise ValueError(f"concept {cid!r}: synonym {syn!r} is a {type(syn).__name__}, not a string "
+                                 "(a missing value such as None or NaN?); drop it or give the text")
+            syn = " ".join(syn.split())
             form = canonical_form(syn)
             if form in seen:
                 duplicates += form != canonical_form(pref)
