@@ -1,5 +1,5 @@
-"""Defects of the entity-linking recipe found by an audit: the Hub token on disk, merges of runs made on
-other data, option typos, the merged config, and checks that must happen before any training."""
+"""The recipe's options and outputs: the Hub token is written to no file, merges refuse runs made on other
+data and report the runs' own config, option typos are refused, and bad data fails before any training."""
 
 from __future__ import annotations
 

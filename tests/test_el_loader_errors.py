@@ -1,5 +1,5 @@
-"""Defects of hf_kfac.el's loaders and build_task found by an audit: encodings, JSONL line splitting,
-short CSV rows, BigBio KB options, and synonyms that are not lists of strings."""
+"""What hf_kfac.el's loaders and build_task accept and refuse: encodings, JSONL line splitting, short CSV
+rows, BigBio KB options, and synonyms that are not lists of strings."""
 
 from __future__ import annotations
 
