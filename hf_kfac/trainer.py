@@ -487,9 +487,11 @@ class ContinualTrainer(Trainer):
         Trainer's default for transformers models) DDP marks a parameter the forward did not use
         (an earlier task's head) ready after the forward, and a penalty gradient reaching it in
         backward marks it twice, which DDP refuses. λ∇P is the same on every process, so adding it
-        after DDP's average is exact. DeepSpeed keeps its own gradient buffers: it back-propagates.
+        after DDP's average is exact. DeepSpeed keeps its own gradient buffers, and LOMO/AdaLOMO
+        update the weights inside the backward pass: those back-propagate it.
         """
-        return self.accelerator.distributed_type != DistributedType.DEEPSPEED
+        fused = str(getattr(self.args.optim, "value", self.args.optim)).lower() in ("lomo", "adalomo")
+        return self.accelerator.distributed_type != DistributedType.DEEPSPEED and not fused
 
     def training_step(
         self,
