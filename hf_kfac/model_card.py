@@ -12,6 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .prior import Prior
 from .serialization import DEFAULT_PRIOR_SUBFOLDER
+from .trainer_config import PENALTY_SHAPES
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
 _PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
@@ -22,8 +23,8 @@ _PENALTY_TEXT = {
     "l2": "L2-to-anchor",
 }
 
-_SHAPE_PENALTY = {"identity": "l2", "diag": "ewc", "kfac": "kfac"}
-"""The penalty that uses a prior of each shape (the inverse of ``trainer_config.PENALTY_SHAPES``)."""
+_SHAPE_PENALTY = {str(shape): str(penalty) for penalty, shape in PENALTY_SHAPES.items()}
+"""The penalty that uses a prior of each shape (identity -> l2, diag -> ewc, kfac -> kfac)."""
 
 
 def _template() -> Path:
@@ -141,8 +142,7 @@ def render_model_card(
     names = list(task_names or [t.name for t in prior.tasks])
     if accuracy is None:
         accuracy = accuracy_from_history(prior)
-    shape = str(prior.config.shape)
-    pen = given or _SHAPE_PENALTY.get(shape) or (tasks[-1]["penalty"] if tasks else shape)
+    pen = given or str(prior.config.shape)
     pen = _SHAPE_PENALTY.get(pen, pen)
     card_data = ModelCardData(
         library_name="hf_kfac",

@@ -222,8 +222,7 @@ class QuadraticPenalty:
         self.shapes = shapes
 
     def _check(self, params: dict[str, Tensor]) -> None:
-        """Every covered parameter exists with the prior's shape (a Linear's weight may be stored transposed
-        nowhere: the anchor holds it as the module does)."""
+        """Every covered parameter exists in ``params`` with the shape the prior's anchor holds it in."""
         missing = [n for n in self.names if n not in params]
         if missing:
             prefixes = [p for p in ("_orig_mod.", "module.") if any(k.startswith(p) for k in params)]

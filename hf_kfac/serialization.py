@@ -34,6 +34,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,39 +119,32 @@ def _fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path``: a temporary file beside it, fsynced and given the usual mode, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # UTF-8 whatever the locale
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent)
-
-
-def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
-    """``safetensors`` file at ``path`` through a temporary file beside it (fsynced, mode ``0o666 & ~umask``) and a rename."""
+def _replace_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is fsynced, given the usual mode
+    (``0o666 & ~umask``; mkstemp makes 0600) and renamed over ``path``; on any error it is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        write(tmp)
         _fsync_path(tmp)
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_path(path.parent)
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, as UTF-8 whatever the locale (:func:`_replace_atomically`)."""
+    _replace_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))
+
+
+def save_safetensors_atomic(tensors: dict[str, Tensor], path: str | os.PathLike) -> None:
+    """``safetensors`` file at ``path``, written atomically (:func:`_replace_atomically`)."""
+    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

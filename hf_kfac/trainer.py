@@ -211,7 +211,8 @@ class ContinualTrainer(Trainer):
         self.prior: Prior | None = None
         self._penalty_sum: Tensor | None = None
         self._in_training_step = False
-        self._pending_penalty_grads: dict[str, Tensor] | None = None
+        # (parameters, λF(θ − θ*) by name) of the current micro-batch, added to p.grad after its backward
+        self._pending_penalty_grads: tuple[dict[str, nn.Parameter], dict[str, Tensor]] | None = None
         self._penalty_steps = 0
         self._loss_check_done = False
         self._loss_check_tries = 0
@@ -467,11 +468,10 @@ class ContinualTrainer(Trainer):
         loss, outputs = result if return_outputs else (result, None)
         if self._in_training_step and self._penalty_grads_direct():
             assert self.prior is not None
-            params = {n: p for n, p in self._unwrapped(model).named_parameters()}
+            params = dict(self._unwrapped(model).named_parameters())
             terms = self.prior.penalty_terms(next(iter(params.values())).device, self.args.penalty_lambda)
-            value, grads = terms.value_and_grads(params)
-            self._pending_penalty_grads = grads
-            pen = value
+            pen, grads = terms.value_and_grads(params)
+            self._pending_penalty_grads = params, grads
         else:
             pen = self.penalty_value(model)
         detached = pen.detach()
@@ -505,16 +505,15 @@ class ContinualTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._in_training_step = False
-        grads, self._pending_penalty_grads = self._pending_penalty_grads, None
-        if grads:
-            self._add_penalty_grads(model, grads)
+        pending, self._pending_penalty_grads = self._pending_penalty_grads, None
+        if pending is not None and pending[1]:
+            self._add_penalty_grads(*pending)
         return loss
 
-    def _add_penalty_grads(self, model: nn.Module, grads: dict[str, Tensor]) -> None:
+    def _add_penalty_grads(self, params: dict[str, nn.Parameter], grads: dict[str, Tensor]) -> None:
         """p.grad += s·g for every penalised trainable parameter; s = the GradScaler's scale under fp16, else 1."""
         scaler = getattr(self.accelerator, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        params = dict(self._unwrapped(model).named_parameters())
         with torch.no_grad():
             for name, g in grads.items():
                 p = params[name]

@@ -1144,10 +1144,7 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
     n_workers, worker = args.budget_workers, args.budget_worker
     if n_workers < 1 or not 0 <= worker < n_workers:
         raise ValueError(f"--budget_worker must be in 0..{n_workers - 1} (--budget_workers {n_workers}), got {worker}")
-    grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [], "tune_budget",
-                               valid=("epochs", "learning_rate"))
-    if not grid:
-        raise ValueError(f"--tune_budget {args.tune_budget!r}: name the grid, e.g. 'epochs=1,2;learning_rate=1e-4,2e-4'")
+    grid = budget_grid(args)
     epochs_grid = grid.get("epochs") or per_task(args.epochs, len(tasks), "epochs")[:1]
     lr_grid = grid.get("learning_rate") or per_task(args.learning_rate, len(tasks), "learning_rate")[:1]
     points = [(float(ep), float(lr)) for ep in epochs_grid for lr in lr_grid]
@@ -1209,16 +1206,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     threads = torch.get_num_threads()
-    token_env = {k: os.environ.get(k) for k in ("HF_TOKEN",)}
+    token = os.environ.get("HF_TOKEN")
     try:
         return _main(argv)
     finally:
         torch.set_num_threads(threads)
-        for k, v in token_env.items():  # --hub_token is set into HF_TOKEN for this run only
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if token is None:  # --hub_token is set into HF_TOKEN for this run only
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = token
+
+
+def budget_grid(args: RecipeArguments) -> dict[str, list[float]]:
+    """``--tune_budget`` as {"epochs": [...], "learning_rate": [...]} (``lr=`` is ``learning_rate=``)."""
+    grid = parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [], "tune_budget",
+                               valid=("epochs", "learning_rate"))
+    if not grid:
+        raise ValueError(f"--tune_budget {args.tune_budget!r}: name the grid, e.g. 'epochs=1,2;learning_rate=1e-4,2e-4'")
+    return grid
 
 
 def use_hub_token(args: RecipeArguments) -> None:
@@ -1277,8 +1282,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     t_start = time.perf_counter()
     if args.tune_budget:  # a typo is refused before the tasks are loaded
-        parse_method_values(args.tune_budget.replace("lr=", "learning_rate="), [], "tune_budget",
-                            valid=("epochs", "learning_rate"))
+        budget_grid(args)
     tasks = load_tasks(args)
     for t in tasks:
         logger.info("task %s: %s", t.name, t.stats())

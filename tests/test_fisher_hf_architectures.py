@@ -64,17 +64,24 @@ class _SummedBroadcast(nn.Module):
         return SimpleNamespace(logits=self.head(x) + self.proj(self.base).sum(0))
 
 
+def _exact_path_matches_brute_force(model: nn.Module, batches: list[dict], shape: str, names: tuple[str, ...],
+                                    caplog) -> tuple[object, str]:
+    """The estimate's diagonal of ``names`` against ``brute_force_diag``; returns it and the warnings logged."""
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
+    ref = brute_force_diag(model, batches, "empirical")
+    for name in names:
+        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
+    return curv, caplog.text
+
+
 @pytest.mark.parametrize("shape", ["diag", "kfac"])
 def test_a_broadcast_call_whose_expansion_changes_the_predictions_goes_to_the_exact_path(shape: str, caplog) -> None:
     torch.manual_seed(0)
     model = _SummedBroadcast()
     batches = [{"x": torch.randn(5, 4), "labels": torch.randint(0, 3, (5,))} for _ in range(2)]
-    with caplog.at_level(logging.WARNING):
-        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
-    ref = brute_force_diag(model, batches, "empirical")
-    for name in ("proj.weight", "proj.bias"):
-        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
-    assert BROADCAST_MSG in caplog.text and "proj (Linear)" in caplog.text
+    curv, log = _exact_path_matches_brute_force(model, batches, shape, ("proj.weight", "proj.bias"), caplog)
+    assert BROADCAST_MSG in log and "proj (Linear)" in log
     assert "proj" not in curv.kfac
 
 
@@ -224,12 +231,8 @@ def test_a_module_whose_rows_are_not_in_example_order_goes_to_the_exact_path(sha
         model.norm.weight.uniform_(0.5, 1.5)
         model.norm.bias.uniform_(-0.5, 0.5)
     batches = [{"x": torch.randn(5, 4) * torch.arange(1, 6.0).unsqueeze(1), "labels": torch.randint(0, 3, (5,))}]
-    with caplog.at_level(logging.WARNING):
-        curv = estimate_fisher(model, batches, shape=shape, fisher_type="empirical", progress=False)
-    ref = brute_force_diag(model, batches, "empirical")
-    for name in ("norm.weight", "norm.bias"):
-        torch.testing.assert_close(curv.diag[name], ref[name], rtol=1e-4, atol=1e-8, msg=name)
-    assert ROWS_MSG in caplog.text and "norm (LayerNorm)" in caplog.text
+    _, log = _exact_path_matches_brute_force(model, batches, shape, ("norm.weight", "norm.bias"), caplog)
+    assert ROWS_MSG in log and "norm (LayerNorm)" in log
 
 
 @pytest.mark.parametrize("n", [3, 4])

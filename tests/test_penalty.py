@@ -53,14 +53,19 @@ def _dense_penalty(model: nn.Module, anchor: dict[str, torch.Tensor], curv: Curv
     return 0.5 * lam * c * total
 
 
-def test_kfac_penalty_and_gradient_match_dense_quadratic_form_and_autograd() -> None:
+def _kfac_prior_off_its_anchor() -> tuple[nn.Module, Curvature, Prior, dict[str, torch.Tensor]]:
+    """A one-task K-FAC prior of ``_linear_model``, the model then moved off the anchor (returned too)."""
     model = _linear_model()
-    g = torch.Generator().manual_seed(1)
-    curv = _curvature(model, g)
+    curv = _curvature(model, torch.Generator().manual_seed(1))
     prior = Prior(shape="kfac", task_weighting="uniform")
     prior.add_task(model, curv, "a")
     anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
     _perturb(model, 0.3, 2)
+    return model, curv, prior, anchor
+
+
+def test_kfac_penalty_and_gradient_match_dense_quadratic_form_and_autograd() -> None:
+    model, curv, prior, anchor = _kfac_prior_off_its_anchor()
     lam = 1.7
     ours = prior.penalty(model, lam)
     grads = torch.autograd.grad(ours, list(model.parameters()))
@@ -270,13 +275,7 @@ def test_penalty_on_bert_from_estimated_fisher_matches_dense_form() -> None:
 
 def test_value_and_grads_without_a_graph_equal_the_dense_form_and_its_autograd_gradient() -> None:
     """The route ContinualTrainer takes (λF(θ − θ*) added to p.grad) gives the dense form's value and gradient."""
-    model = _linear_model()
-    g = torch.Generator().manual_seed(1)
-    curv = _curvature(model, g)
-    prior = Prior(shape="kfac", task_weighting="uniform")
-    prior.add_task(model, curv, "a")
-    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
-    _perturb(model, 0.3, 2)
+    model, curv, prior, anchor = _kfac_prior_off_its_anchor()
     lam = 1.7
     value, grads = prior.penalty_terms("cpu", lam).value_and_grads(model)
     assert value.grad_fn is None and all(v.grad_fn is None for v in grads.values())
@@ -289,10 +288,7 @@ def test_value_and_grads_without_a_graph_equal_the_dense_form_and_its_autograd_g
 
 
 def test_a_graph_kept_with_retain_graph_gives_the_same_penalty_gradient_twice() -> None:
-    model = _linear_model()
-    prior = Prior(shape="kfac", task_weighting="uniform")
-    prior.add_task(model, _curvature(model, torch.Generator().manual_seed(1)), "a")
-    _perturb(model, 0.3, 2)
+    model, _, prior, _ = _kfac_prior_off_its_anchor()
     pen = 3.0 * prior.penalty(model, 1.7)  # a scaled loss: the backward scales the gradients
     first = torch.autograd.grad(pen, list(model.parameters()), retain_graph=True)
     second = torch.autograd.grad(pen, list(model.parameters()))

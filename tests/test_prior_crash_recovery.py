@@ -25,7 +25,52 @@ from hf_kfac import Prior
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-CHILD = textwrap.dedent(
+KILL_LOOP = textwrap.dedent(
+    """
+    import builtins, json, os, shutil
+
+
+    def kill_at_every_step(out, template, target_of, save, counted, patch_open=False):
+        \"\"\"For k = 1, 2, ...: copy ``template`` to ``target_of(k)``, fork, and in the child run
+        ``save(target)`` killed (os._exit(9)) just before its k-th call of ``counted`` (and of builtins.open
+        with ``patch_open``), until a save finishes; the exit codes go to out/codes.json.\"\"\"
+        codes = []
+        k = 1
+        while k < 800:
+            target = target_of(k)
+            shutil.copytree(template, target)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    calls = [0]
+
+                    def wrap(real):
+                        def f(*a, **kw):
+                            calls[0] += 1
+                            if calls[0] == k:
+                                os._exit(9)  # killed just before the k-th file-system call
+                            return real(*a, **kw)
+                        return f
+
+                    for name in counted:
+                        setattr(os, name, wrap(getattr(os, name)))
+                    if patch_open:
+                        builtins.open = wrap(builtins.open)
+                    save(target)
+                    os._exit(0)  # the save finished before a k-th call
+                except BaseException:
+                    os._exit(3)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+            if codes[-1] != 9:
+                break
+            k += 1
+        with open(os.path.join(out, "codes.json"), "w") as f:
+            json.dump(codes, f)
+    """
+)
+
+CHILD = KILL_LOOP + textwrap.dedent(
     """
     import json, os, shutil, sys
     import torch
@@ -52,37 +97,8 @@ CHILD = textwrap.dedent(
     COUNTED = ("open", "mkdir", "chmod", "replace", "rename", "unlink", "rmdir")
     template = os.path.join(out, "template", "fisher")
     old.save_pretrained(template)  # a complete save of the old prior, copied for every kill point
-    codes = []
-    k = 1
-    while k < 500:
-        target = os.path.join(out, f"kill{k:03d}", "fisher")
-        shutil.copytree(template, target)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                calls = [0]
-
-                def wrap(real):
-                    def f(*a, **kw):
-                        calls[0] += 1
-                        if calls[0] == k:
-                            os._exit(9)  # killed just before the k-th file-system call
-                        return real(*a, **kw)
-                    return f
-
-                for name in COUNTED:
-                    setattr(os, name, wrap(getattr(os, name)))
-                new.save_pretrained(target)
-                os._exit(0)  # the save finished before a k-th call
-            except BaseException:
-                os._exit(3)
-        _, status = os.waitpid(pid, 0)
-        codes.append(os.waitstatus_to_exitcode(status))
-        if codes[-1] != 9:
-            break
-        k += 1
-    with open(os.path.join(out, "codes.json"), "w") as f:
-        json.dump(codes, f)
+    kill_at_every_step(out, template, lambda k: os.path.join(out, f"kill{k:03d}", "fisher"), new.save_pretrained,
+                       COUNTED)
     """
 )
 
@@ -142,9 +158,9 @@ def test_a_save_killed_at_every_step_leaves_the_complete_old_or_new_prior(tmp_pa
     assert missing_targets, "no kill point left the target missing"
 
 
-TRAINER_CHILD = textwrap.dedent(
+TRAINER_CHILD = KILL_LOOP + textwrap.dedent(
     """
-    import builtins, json, os, shutil, sys
+    import json, os, shutil, sys
     sys.path.insert(0, os.path.join(sys.argv[2], "tests", "scripts"))
     import torch
     from safetensors.torch import save_file
@@ -168,38 +184,9 @@ TRAINER_CHILD = textwrap.dedent(
     trainer.consolidate(task_name="B")  # merged: the anchor is now W2, which the next save may refer to
     save_file(trainer.prior.state_dict(), os.path.join(out, "expected_new.safetensors"))
     COUNTED = ("open", "mkdir", "chmod", "replace", "rename", "unlink", "remove", "rmdir")
-    codes = []
-    k = 1
-    while k < 800:
-        target = os.path.join(out, f"kill{k:03d}")
-        shutil.copytree(template, target)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                calls = [0]
-
-                def wrap(real):
-                    def f(*a, **kw):
-                        calls[0] += 1
-                        if calls[0] == k:
-                            os._exit(9)
-                        return real(*a, **kw)
-                    return f
-
-                for name in COUNTED:
-                    setattr(os, name, wrap(getattr(os, name)))
-                builtins.open = wrap(builtins.open)  # transformers writes config.json with open()
-                trainer.save_model(target)
-                os._exit(0)
-            except BaseException:
-                os._exit(3)
-        _, status = os.waitpid(pid, 0)
-        codes.append(os.waitstatus_to_exitcode(status))
-        if codes[-1] != 9:
-            break
-        k += 1
-    with open(os.path.join(out, "codes.json"), "w") as f:
-        json.dump(codes, f)
+    # transformers writes config.json with open(): counted too
+    kill_at_every_step(out, template, lambda k: os.path.join(out, f"kill{k:03d}"), trainer.save_model, COUNTED,
+                       patch_open=True)
     """
 )
 
