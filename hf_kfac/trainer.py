@@ -423,7 +423,7 @@ class ContinualTrainer(Trainer):
     def _probe_loss_normalisation(self, model: nn.Module, inputs: Mapping[str, Any], n: Any) -> int:
         """0: inconclusive, 1: the loss ignores ``num_items_in_batch``, 2: the loss is divided by it."""
         inner = self._unwrapped(model)
-        was_training = inner.training
+        modes = {m: m.training for m in inner.modules()}
         try:
             inner.eval()
             with torch.no_grad():
@@ -433,7 +433,8 @@ class ContinualTrainer(Trainer):
             logger.info("Could not check the loss normalisation of the model (%s); keeping the Trainer's default.", e)
             return 0
         finally:
-            inner.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
         if not isinstance(l1, Tensor) or not isinstance(l2, Tensor) or l1.numel() != 1 or l2.numel() != 1:
             return 0
         a, b = float(l1), float(l2)

@@ -96,6 +96,36 @@ def test_frozen_parameters_are_left_out() -> None:
     assert "classifier.weight" in curv.diag
 
 
+def test_excluding_a_module_leaves_out_every_parameter_inside_it_and_an_unmatched_pattern_is_reported(caplog) -> None:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config())
+    frozen = BertForSequenceClassification(tiny_bert_config())
+    for p in frozen.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, _seq_batches(2), shape="diag", fisher_type="empirical",
+                               exclude=["bert.embeddings", "bert.embedings.*"], progress=False)
+    ref = estimate_fisher(frozen, _seq_batches(2), shape="diag", fisher_type="empirical", progress=False)
+    assert sorted(curv.diag) == sorted(ref.diag)  # the same as freezing the module
+    assert "['bert.embedings.*'] match no module or parameter" in caplog.text  # only the misspelt one
+
+
+def test_every_module_keeps_its_own_train_or_eval_mode() -> None:
+    """The estimate runs in eval mode, then gives each module back its own flag, not the root's."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(hidden_dropout_prob=0.1))
+    model.train()
+    model.bert.embeddings.eval()  # e.g. dropout kept off where the user turned it off
+    before = {n: m.training for n, m in model.named_modules()}
+    estimate_fisher(model, _seq_batches(2), shape="kfac", fisher_type="empirical", progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == before
+    model.eval()
+    model.classifier.train()
+    before = {n: m.training for n, m in model.named_modules()}
+    estimate_fisher(model, _seq_batches(2), shape="diag", fisher_type="empirical", progress=False)
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
 # --------------------------------------------------------------- each parameter counted once
 
 def _mlm_batches() -> tuple[nn.Module, list[dict]]:

@@ -282,3 +282,75 @@ def test_opt_causal_lm_matches_brute_force_on_labels_shifted_by_hand() -> None:
     shifted[:, :-1] = labels[:, 1:]
     ref = brute_force_diag(model, [{"input_ids": ids, "attention_mask": am, "labels": shifted}], "empirical")
     _assert_matches_brute_force(curv, ref)
+
+
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=60, hidden_size=16, ffn_dim=24, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=16,
+        max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "exact"])
+def test_left_padded_causal_lm_diagonal_counts_the_first_token_predicted_from_a_pad(fisher_type: str) -> None:
+    """The last left pad predicts the first real token and the loss counts it: that position's
+    gradient belongs to the example although its attention mask is 0."""
+    torch.manual_seed(0)
+    model = _opt()
+    ids = torch.tensor([[1, 1, 5, 7, 9, 11], [3, 4, 6, 8, 12, 13], [1, 1, 1, 14, 15, 16]])
+    am = (ids != 1).long()
+    labels = ids.masked_fill(am == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    curv = estimate_fisher(model, [batch], shape="diag", fisher_type=fisher_type, progress=False)
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    assert shifted[0, 1] == 5 and am[0, 1] == 0  # a counted prediction made at a pad position
+    ref = brute_force_diag(model, [{"input_ids": ids, "attention_mask": am, "labels": shifted}], fisher_type)
+    _assert_matches_brute_force(curv, ref)
+
+
+def test_t5_unlabelled_decoder_positions_before_a_label_still_count() -> None:
+    """A -100 inside the labels: that position's output is not counted, but the causal decoder's later
+    positions read it (its key/value, its input embedding), so its gradient is the example's."""
+    torch.manual_seed(0)
+    model = _t5().eval()
+    ids, am = _ids()
+    labels = torch.tensor([[5, -100, 6, 7, 2], [8, 9, -100, -100, 4], [10, 11, 12, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    decoder_ids = torch.zeros_like(labels)
+    decoder_ids[:, 1:] = labels[:, :-1].clamp_min(0)
+    oracle = [{**batch, "decoder_input_ids": decoder_ids}]
+    curv = estimate_fisher(model, [batch], shape="diag", fisher_type="empirical", progress=False)
+    _assert_matches_brute_force(curv, brute_force_diag(model, oracle, "empirical"))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_multiple_choice_kfac_does_not_depend_on_padding(approx: str) -> None:
+    """Its (N, C, T) attention mask fits the encoder's (N·C, T) calls once flattened: more pad columns
+    leave the predictions and so the factors unchanged."""
+    from oracles import tiny_bert_config
+    from transformers import BertForMultipleChoice
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(tiny_bert_config()).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 40, (3, 2, 5), generator=g)
+    am = torch.ones_like(ids)
+    am[0, 1, 3:] = 0
+    am[2, 0, 4:] = 0
+    ids[am == 0] = 0
+    batch = {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([0, 1, 1])}
+    wider = {"input_ids": torch.cat([ids, torch.zeros(3, 2, 4, dtype=ids.dtype)], -1),
+             "attention_mask": torch.cat([am, torch.zeros(3, 2, 4, dtype=am.dtype)], -1), "labels": batch["labels"]}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**wider).logits, model(**batch).logits)
+    ref = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", kfac_approx=approx, progress=False)
+    padded = estimate_fisher(model, [wider], shape="kfac", fisher_type="empirical", kfac_approx=approx,
+                             progress=False)
+    assert "bert.encoder.layer.0.attention.self.query" in padded.kfac
+    for name, block in padded.kfac.items():
+        for factor in ("A", "G"):
+            r = getattr(ref.kfac[name], factor)  # key's reduced G is 0 up to rounding (softmax shift invariance)
+            torch.testing.assert_close(getattr(block, factor), r, rtol=1e-4,
+                                       atol=max(1e-6 * float(r.abs().max()), 1e-20), msg=f"{name}.{factor}")

@@ -268,3 +268,32 @@ def test_fisher_max_examples_uses_the_seeded_random_subset_each_example_once(
     assert curv.n_examples == want.n_examples == limit
     for name, d in want.diag.items():
         torch.testing.assert_close(curv.diag[name], d, rtol=1e-5, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_float_multi_hot_labels_on_a_model_with_no_problem_type_are_refused_as_multi_label(fisher_type: str) -> None:
+    """The model's own loss would infer multi-label classification from them, as after its first labelled forward."""
+    model = make_model("seq")
+    assert model.config.problem_type is None
+    batch = _seq_batch()
+    n, c = batch["input_ids"].shape[0], model.config.num_labels
+    batch["labels"] = (torch.arange(n * c).reshape(n, c) % 2).float()
+    with pytest.raises(NotImplementedError, match="multi-label classification"):
+        estimate_fisher(model, [batch], shape="diag", fisher_type=fisher_type, progress=False)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("n_samples", True), ("max_batches", 1.5), ("max_batches", "2"), ("seed", None), ("max_factor_ratio", "10"),
+])
+def test_fisher_options_of_the_wrong_type_are_refused_naming_the_option(option: str, value: object) -> None:
+    from hf_kfac import FisherConfig
+
+    with pytest.raises(ValueError, match=rf"^{option} must be"):
+        FisherConfig(**{option: value})
+
+
+def test_exclude_patterns_that_are_not_strings_are_refused() -> None:
+    from hf_kfac import FisherConfig
+
+    with pytest.raises(TypeError, match="exclude must be a list of fnmatch patterns"):
+        FisherConfig(exclude=[3])

@@ -8,6 +8,11 @@ from typing import Any
 from ..enums import FisherType, KFACApprox, Shape
 
 
+def _is_int(x: Any) -> bool:
+    """An integer, not a bool (``True`` would pass ``isinstance(x, int)``)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class FisherConfig:
     """How to estimate the Fisher of one task.
@@ -18,8 +23,10 @@ class FisherConfig:
         fisher_type: ``mc``, ``empirical`` or ``exact``.
         n_samples: Labels drawn per example for ``mc``.
         kfac_approx: ``expand`` or ``reduce`` for weights shared over positions.
-        exclude: fnmatch patterns of module or parameter names left out of the prior.
-        force_diag: fnmatch patterns of ``nn.Linear`` modules given a diagonal Fisher.
+        exclude: fnmatch patterns of module or parameter names left out of the prior (a module's
+            pattern covers everything inside it: ``"bert.embeddings"``).
+        force_diag: fnmatch patterns of ``nn.Linear`` modules (or modules holding them) given a
+            diagonal Fisher.
         max_factor_ratio: A Linear whose factors hold more than this many times the
             numbers of its weight, ((d_in+1)² + d_out²) / (d_out·(d_in+1)), gets a
             diagonal Fisher instead (a 20k-class head would need a 20k² G).
@@ -45,12 +52,20 @@ class FisherConfig:
             self.exclude = [self.exclude]
         if isinstance(self.force_diag, str):
             self.force_diag = [self.force_diag]
-        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+        for name in ("exclude", "force_diag"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{name} must be a list of fnmatch patterns (strings), got {value!r}.")
+            setattr(self, name, list(value))
+        if not _is_int(self.n_samples) or self.n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {self.n_samples!r}.")
-        if not self.max_factor_ratio > 0:
-            raise ValueError(f"max_factor_ratio must be > 0, got {self.max_factor_ratio!r}.")
-        if self.max_batches is not None and self.max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {self.max_batches!r}.")
+        if isinstance(self.max_factor_ratio, bool) or not isinstance(self.max_factor_ratio, (int, float)) \
+                or not self.max_factor_ratio > 0:
+            raise ValueError(f"max_factor_ratio must be a number > 0, got {self.max_factor_ratio!r}.")
+        if self.max_batches is not None and (not _is_int(self.max_batches) or self.max_batches < 1):
+            raise ValueError(f"max_batches must be an integer >= 1 or None, got {self.max_batches!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of the options."""

@@ -38,14 +38,20 @@ weight sharing): ``expand`` adds every call's valid positions to A and G; ``redu
 each call separately, so A = (1/(C·N)) Σ_{c,n} ā_nc ā_ncᵀ and G = (1/N) Σ_k w_k Σ_{c,n} ĝ_nck ĝ_nckᵀ.
 Neither is exact for C > 1 (the exact block has cross-call terms); the diagonal is.
 
-Positions where the batch's attention mask is 0 are dropped from every sum, and output
-positions whose label is -100 give v = 0. In an encoder-decoder model, calls inside the decoder
-(and after it: the LM head) take the decoder's mask (``decoder_attention_mask``, or without one
-``labels != -100``), the rest, and the cross-attention keys/values that read the encoder's hidden
+Positions where the batch's attention mask is 0 are dropped from K-FAC's A and G, and output
+positions whose label is -100 give v = 0. The diagonal keeps any such position whose output
+gradient is non-zero (a left-padded causal LM predicts its first token from the last pad, and the
+loss counts that prediction), so it stays exact; K-FAC leaves that one prediction per example out
+of its factors. A multiple-choice (N, C, T) mask is flattened to the (N·C, T) the encoder runs on.
+In an encoder-decoder model, calls inside the decoder (and after it: the LM head) take the
+decoder's mask (``decoder_attention_mask``, or without one the positions up to the last label
+that is not -100), the rest, and the cross-attention keys/values that read the encoder's hidden
 states, the encoder's. A module whose rows are not the examples (a (T, T) relative-position grid;
-rows the model reorders) is found on the first batch, by row count or because example 0's outputs
-depend on another of its rows, and goes to the exact per-example path. Sums and counts are all-reduced over processes
-before the division, so the result does not depend on how the data is sharded.
+rows the model reorders) is found on the first batch, by row count or because example 0's
+outputs depend on another of its rows, and goes to the exact per-example path. Sums and counts
+are all-reduced over processes before the division, so the result does not depend on how the
+data is sharded; the repeats an Accelerate loader adds to its last batches (``even_batches=True``)
+are dropped first.
 """
 
 from __future__ import annotations
@@ -75,7 +81,24 @@ _MAX_PER_EXAMPLE_NUMEL = 1 << 22  # per-example gradient chunk: small enough to 
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether ``name`` or a module it lies in (a dotted prefix) matches one of the fnmatch ``patterns``."""
+    parts = name.split(".")
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))] if name else [name]
+    return any(fnmatch.fnmatchcase(x, p) for p in patterns for x in prefixes)
+
+
+def _warn_unmatched(model: nn.Module, cfg: FisherConfig) -> None:
+    """Warn about ``exclude`` / ``force_diag`` patterns that name no module or parameter of the model."""
+    names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
+    for option, patterns in (("exclude", cfg.exclude), ("force_diag", cfg.force_diag)):
+        missed = [p for p in patterns if not any(_matches(n, [p]) for n in names)]
+        if missed:
+            logger.warning(
+                "%s pattern(s) %s match no module or parameter of %s, so they change nothing; patterns are "
+                "fnmatch patterns of dotted names as in model.named_modules() (e.g. 'bert.embeddings', "
+                "'*.attention.*'), and a module's pattern covers everything inside it.",
+                option, missed, type(model).__name__,
+            )
 
 
 @dataclass
@@ -119,6 +142,20 @@ def _flatten_positions(x: Tensor, n: int) -> Tensor:
 _GRAM_BLOCK = 192  # target column block of the upper-triangular Gram products
 _GRAM_MIN_DIM = 256  # below this one full product is faster than blocks
 _GRAM_MAX_BLOCKS = 8  # more, smaller blocks lose more to GEMM efficiency than they save
+
+
+def _live_positions(mask: Tensor, g: Tensor) -> Tensor:
+    """The (N, P) positions that enter a per-example gradient: those ``mask`` keeps, and any other
+    whose output gradient ``g`` (N, P, D) is non-zero.
+
+    A position the attention mask drops can still feed a counted output (the last left pad of a
+    causal LM predicts the first token, and the loss counts that prediction); its gradient then
+    belongs to the example's. A dropped position nothing counted depends on has g = 0 exactly and
+    stays out (NaN rows there too: NaN > 0 is false).
+    """
+    if bool(mask.all()):
+        return mask
+    return mask | (g.abs().amax(-1) > 0)
 
 
 def _gram_cuts(d: int) -> list[int]:
@@ -242,7 +279,8 @@ def _masked_positions(calls: list[_Call], gs: list[Tensor]) -> tuple[Tensor, Ten
     these rows already sums the module's calls before anything is squared.
     """
     n = calls[0].mask.shape[0]
-    g = [_flatten_positions(g, n) * c.mask.unsqueeze(-1) for c, g in zip(calls, gs)]
+    g = [_flatten_positions(g, n) for g in gs]
+    g = [torch.where(_live_positions(c.mask, x).unsqueeze(-1), x, 0) for c, x in zip(calls, g)]
     a = [_flatten_positions(c.inp, n) for c in calls]
     if len(calls) == 1:
         return g[0], a[0]
@@ -293,7 +331,9 @@ class _DiagLayerNorm(_Handler):
         db: Tensor | None = None
         for call, g in zip(calls, gs):
             n = call.mask.shape[0]
-            gg = g.float().reshape((n, -1) + shape) * call.mask.reshape(call.mask.shape + (1,) * k).float()
+            gg = g.float().reshape((n, -1) + shape)
+            live = _live_positions(call.mask, gg.reshape(n, gg.shape[1], -1))
+            gg = torch.where(live.reshape(live.shape + (1,) * k), gg, 0)
             if self.weight is not None:
                 x = call.inp.float().reshape((n, -1) + shape)
                 xhat = nn.functional.layer_norm(x, shape, None, None, mod.eps)
@@ -321,10 +361,11 @@ class _DiagEmbedding(_Handler):
         exs, idss, rowss = [], [], []
         for call, g in zip(calls, gs):
             ids = call.inp.reshape(n, -1)
-            keep = call.mask.clone()
-            if mod.padding_idx is not None:
+            rows = _flatten_positions(g, n)
+            keep = _live_positions(call.mask, rows).clone()
+            if mod.padding_idx is not None:  # that row of the table gets no gradient
                 keep &= ids != mod.padding_idx
-            rowss.append(_flatten_positions(g, n)[keep])  # (M_c, D)
+            rowss.append(rows[keep])  # (M_c, D)
             exs.append(torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep])
             idss.append(ids[keep])
         cat = (lambda xs: xs[0]) if len(calls) == 1 else torch.cat
@@ -776,14 +817,15 @@ class _Estimator:
         return curv
 
     def plan_digest(self) -> int:
-        """A 56-bit hash of who owns what: each handler's name, kind and parameters, then the fallback.
+        """A 56-bit hash of who owns what: each handler's name, kind, parameters and their shapes, then the fallback.
 
         The statistics buffers are laid out in this order, so equal digests mean they line up.
         """
         h = hashlib.blake2b(digest_size=7)
         for mname, handler in self.handlers.items():
-            h.update(repr((mname, type(handler).__name__, handler.param_names())).encode())
-        h.update(repr(sorted(self.fallback_params)).encode())
+            shapes = [tuple(self.params[p].shape) for p in handler.param_names()]
+            h.update(repr((mname, type(handler).__name__, handler.param_names(), shapes)).encode())
+        h.update(repr(sorted((p, tuple(v.shape)) for p, v in self.fallback_params.items())).encode())
         return int.from_bytes(h.digest(), "big")
 
     def _check_same_plan(self) -> None:
@@ -794,7 +836,8 @@ class _Estimator:
         if not all_equal([self.plan_digest()], device=device):
             n_kfac = sum(isinstance(h, _KFACLinear) for h in self.handlers.values())
             raise RuntimeError(
-                "processes disagree on which parameters get K-FAC blocks or the exact per-example path "
+                "processes disagree on which parameters (or parameter shapes) get K-FAC blocks or the exact "
+                "per-example path "
                 f"(this rank: {n_kfac} blocks, fallback {sorted(self.fallback_params)[:5]}); the first batch "
                 "of each rank must run the same modules in the same way, and every process needs at least "
                 "one batch (give the Fisher at least as many examples as there are processes)."
@@ -835,14 +878,17 @@ def _position_masks(batch: Any, encoder_decoder: bool = False) -> tuple[list[Ten
     """Candidate (N, T) position masks of the batch: (encoder side, decoder side).
 
     Every 2-D tensor whose key ends in ``attention_mask``. For an encoder-decoder model the
-    ``decoder_*`` ones belong to the decoder; without one, decoder position t counts where
-    ``labels[:, t] != -100`` (its output has a label; only padding follows the last one).
+    ``decoder_*`` ones belong to the decoder; without one, decoder position t counts if a
+    labelled position (``labels != -100``) is at t or after it: the decoder is causal, so an
+    unlabelled position before a labelled one still feeds it, and the positions after the last
+    label feed nothing counted. A mask with more than two dimensions (multiple choice's
+    (N, C, T)) also enters flattened to (N·C, T), the shape the encoder runs on.
     For any other model both lists hold every mask.
     """
     if not isinstance(batch, Mapping):
         return [], []
-    found = [(k, v.bool()) for k, v in batch.items()
-             if k.endswith("attention_mask") and isinstance(v, Tensor) and v.dim() == 2]
+    found = [(k, v.bool() if v.dim() == 2 else v.bool().reshape(-1, v.shape[-1])) for k, v in batch.items()
+             if k.endswith("attention_mask") and isinstance(v, Tensor) and v.dim() >= 2]
     if not encoder_decoder:
         masks = [v for _, v in found]
         return masks, masks
@@ -850,7 +896,8 @@ def _position_masks(batch: Any, encoder_decoder: bool = False) -> tuple[list[Ten
     decoder = [v for k, v in found if k.startswith("decoder_")]
     labels = batch.get("labels")
     if not decoder and isinstance(labels, Tensor) and labels.dim() == 2 and not labels.is_floating_point():
-        decoder = [labels != -100]
+        labelled = labels != -100
+        decoder = [labelled.flip(1).cummax(1).values.flip(1)]
     return encoder, decoder
 
 
@@ -886,6 +933,51 @@ def _batch_size(batch: Any) -> int:
         if isinstance(v, Tensor) and v.dim() >= 1:
             return v.shape[0]
     return 0
+
+
+def _pads_last_batch(dataloader: Any) -> bool:
+    """Whether ``dataloader`` is an Accelerate loader that completes its last batches with repeats.
+
+    With ``even_batches=True`` (the default of ``Accelerator.prepare``) every process gets a full
+    last batch, topped up with examples from the start of the dataset; a dispatching loader does
+    the same.
+    """
+    try:
+        from accelerate.data_loader import DataLoaderDispatcher
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return False
+    if isinstance(dataloader, DataLoaderDispatcher):
+        return not getattr(dataloader, "_drop_last", False)
+    return bool(getattr(getattr(dataloader, "batch_sampler", None), "even_batches", False))
+
+
+def _real_rows(dataloader: Any, n: int) -> int:
+    """How many of this batch's ``n`` rows are examples, not an Accelerate loader's repeats.
+
+    At the last batch such a loader knows ``remainder``, the number of real examples in the
+    final round of batches; they come first in process order (what ``gather_for_metrics``
+    keeps), so this process holds clamp(remainder − rank·n, 0, n) of them.
+    """
+    if not getattr(dataloader, "end_of_dataloader", False):
+        return n
+    remainder = getattr(dataloader, "remainder", -1)
+    if not isinstance(remainder, int) or remainder <= 0 or not _pads_last_batch(dataloader):
+        return n
+    return max(0, min(n, remainder - get_rank() * n))
+
+
+def _take_rows(batch: Any, k: int) -> Any:
+    """The first ``k`` examples of a batch (every tensor whose leading size is the batch's)."""
+    n = _batch_size(batch)
+
+    def take(v: Any) -> Any:
+        return v[:k] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v
+
+    if isinstance(batch, Mapping):  # _to_device made it a dict
+        return {key: take(v) for key, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(take(v) for v in batch)
+    return take(batch)
 
 
 def _mask_for(x: Tensor, masks: list[Tensor], is_index_input: bool) -> Tensor | None:
@@ -958,16 +1050,25 @@ def estimate_fisher(
         raise ValueError("shape='identity' has no Fisher to estimate; an L2 prior needs only the anchor.")
     predictive_fn = predictive_fn or default_predictive_fn
     _refuse_compiled(model)
+    _warn_unmatched(model, config)
     est = _Estimator(model, config)
+    try:
+        device = next(p.device for p in model.parameters())
+    except StopIteration:
+        device = torch.device("cpu")
+    refused = torch.tensor([float(not est.params)], dtype=torch.float64, device=device)
+    if get_world_size() > 1:  # every rank refuses together, not one while the others wait in a collective
+        all_reduce_sum_([refused])
     if not est.params:
         raise ValueError(
             "the model has no trainable parameter left to estimate a Fisher for: every parameter is "
             "frozen (requires_grad=False) or excluded by the `exclude` patterns."
         )
-    try:
-        device = next(p.device for p in model.parameters())
-    except StopIteration:  # pragma: no cover - checked above
-        device = torch.device("cpu")
+    if float(refused) > 0:
+        raise RuntimeError(
+            f"{int(refused)} other process(es) have no trainable parameter to estimate a Fisher for (their "
+            "error is in their own log); every process must hold the same trainable model."
+        )
     generator = torch.Generator(device=device).manual_seed(config.seed + get_rank())
 
     calls: list[_Call] = []
@@ -1091,7 +1192,7 @@ def estimate_fisher(
             stacks[1].register_forward_pre_hook(enter(1)),
             stacks[0].register_forward_hook(encoder_done),
         ]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     n_examples = torch.zeros((), dtype=torch.float64, device=device)
     fallback = list(est.fallback_params.values())
@@ -1117,15 +1218,22 @@ def estimate_fisher(
             if autocast_dtype is not None
             else nullcontext()
         )
+        first = True
         for i, batch in enumerate(bar):
             if config.max_batches is not None and i >= config.max_batches:
                 break
             batch = _to_device(batch, device)
+            real = _real_rows(dataloader, _batch_size(batch))
+            if real == 0:
+                continue
+            if real < _batch_size(batch):
+                batch = _take_rows(batch, real)
             masks[:] = _position_masks(batch, stacks is not None)
             batch_n[0] = _batch_size(batch)
-            out, z, labels, mask = first_forward(batch) if i == 0 else forward(batch)
+            out, z, labels, mask = first_forward(batch) if first else forward(batch)
             n_examples += z.shape[0]
-            if i == 0:  # first_forward and check_uses may both hand parameters over
+            if first:  # first_forward and check_uses may both hand parameters over
+                first = False
                 est.check_uses(z, calls)
                 fallback = list(est.fallback_params.values())
                 fallback_names = list(est.fallback_params)
@@ -1181,7 +1289,8 @@ def estimate_fisher(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     status = torch.stack([n_examples, torch.tensor(float(failure is not None), dtype=torch.float64, device=device)])
     all_reduce_sum_([status])
     if failure is not None:

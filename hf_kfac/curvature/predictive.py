@@ -163,6 +163,9 @@ def default_predictive_fn(model: nn.Module, batch: Mapping[str, Any]) -> Predict
     out = model(**inputs)
     logits = _get_logits(out)
     problem_type = getattr(config, "problem_type", None)
+    if problem_type is None and labels is not None and labels.is_floating_point() and logits.dim() == 2 \
+            and logits.shape[-1] > 1 and tuple(labels.shape) == tuple(logits.shape):
+        problem_type = "multi_label_classification"  # what the model's own loss infers from such labels
     if problem_type == "multi_label_classification":
         raise NotImplementedError(
             "multi-label classification (independent Bernoulli outputs) has no built-in predictive "

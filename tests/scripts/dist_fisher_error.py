@@ -6,7 +6,12 @@
   query's on rank 0 and key's on rank 1, so each rank hands a different module to the exact path. The counts agree but the
   statistics buffers would not line up: every rank must refuse to reduce them.
 
-Run with ``torchrun --nproc_per_node 2 tests/scripts/dist_fisher_error.py label|plan``.
+- ``frozen``: rank 1's model has no trainable parameter. Rank 1 refuses before any batch; rank 0
+  must not wait for it.
+- ``shapes``: rank 1's intermediate layers are one unit wider: the same parameter names, buffers of
+  other sizes. Every rank must refuse to reduce them.
+
+Run with ``torchrun --nproc_per_node 2 tests/scripts/dist_fisher_error.py label|plan|frozen|shapes``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ def main() -> None:
     model, batches = make_model_and_data()
     mine = batches[state.process_index :: state.num_processes]
     mode = sys.argv[1]
+    if mode == "frozen" and state.process_index == 1:
+        model.requires_grad_(False)
+    if mode == "shapes" and state.process_index == 1:
+        from oracles import tiny_bert_config
+        from transformers import BertForTokenClassification
+
+        torch.manual_seed(0)
+        model = BertForTokenClassification(tiny_bert_config(intermediate_size=tiny_bert_config().intermediate_size + 1))
     if mode == "label" and state.process_index == 1:
         mine[0]["labels"][0, 0] = 7  # 3 classes
     if mode == "plan":
