@@ -117,7 +117,7 @@ def _accepts_kwarg(fn: Callable[..., Any], name: str) -> bool:
 def _same_prior(a: Path, b: Path) -> bool:
     """Whether two prior folders hold the same prior (their configs, which list file checksums, are equal)."""
     try:
-        with open(a / PRIOR_CONFIG_NAME) as fa, open(b / PRIOR_CONFIG_NAME) as fb:
+        with open(a / PRIOR_CONFIG_NAME, encoding="utf-8") as fa, open(b / PRIOR_CONFIG_NAME, encoding="utf-8") as fb:
             return json.load(fa) == json.load(fb)
     except (OSError, ValueError):
         return False

@@ -38,6 +38,9 @@ PENALTY_METHODS = ("l2", "ewc", "kfac", "kfac-compact")
 # methods whose prior storage is fixed, whatever --prior_storage says
 METHOD_STORAGE = {"kfac-compact": "compact"}
 
+DEFAULT_TEMPERATURE = 0.05  # of a new model; a model loaded with --prior keeps its own unless --temperature is given
+CLASSIFIER_FISHER_BATCH_SIZE = 32  # the bi-encoder's default is its training batch size
+
 # Profile presets for the data and budget fields left unset (None) by the config and the command line.
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": dict(num_threads=1, encoder="tiny-random", n_concepts=8, max_train=48, max_eval=24, epochs="2", learning_rate="1e-3",
@@ -79,7 +82,7 @@ class RecipeArguments:
     max_length: int = field(default=32, metadata={"help": "Token limit of a mention."})
     freeze_word_embeddings: bool = field(default=True, metadata={"help": "Freeze the token embeddings (kept out of training and the prior)."})
     head_init: str = field(default="names", metadata={"help": "Classifier head init: names (scaled name embeddings) or random."})
-    temperature: float = field(default=0.05, metadata={"help": "Bi-encoder temperature (and scale of name-initialised heads)."})
+    temperature: float | None = field(default=None, metadata={"help": "Bi-encoder temperature (and scale of name-initialised heads). Default: 0.05 for a new model; with --prior, the loaded model's saved value, which a value given here overrides (logged; the value used is recorded)."})
     pairs_per_string: int = field(default=1, metadata={"help": "Bi-encoder positives drawn per training string."})
     # penalty
     lambdas: str = field(default="", metadata={"help": "Fixed λ per method, e.g. 'ewc=100,kfac=100,l2=1' or one value for all."})
@@ -88,7 +91,7 @@ class RecipeArguments:
     fisher_type: str = field(default="mc", metadata={"help": "mc | empirical | exact"})
     fisher_n_samples: int = field(default=1, metadata={"help": "Labels drawn per example (mc)."})
     fisher_max_examples: int | None = field(default=None, metadata={"help": "Examples used for the Fisher."})
-    fisher_batch_size: int = field(default=32, metadata={"help": "Batch size of Fisher estimation."})
+    fisher_batch_size: int | None = field(default=None, metadata={"help": "Batch size of Fisher estimation. Default: 32 for the classifier; for the bi-encoder the training --batch_size, since its predictive distribution is a softmax over one batch's candidates (a Fisher batch of another size would see another number of candidates than training did)."})
     kfac_approx: str = field(default="expand", metadata={"help": "expand | reduce"})
     fisher_exclude: str = field(default="", metadata={"help": "Comma-separated fnmatch patterns left out of the prior."})
     prior_damping: float = field(default=0.0, metadata={"help": "Damping δ of the prior (0: none; the Fisher of a trained linker is tiny, see recipes/README.md)."})
@@ -125,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> RecipeArguments:
     known, _ = pre.parse_known_args(argv)
     parser = HfArgumentParser(RecipeArguments)
     if known.config:
-        data = yaml.safe_load(Path(known.config).read_text()) or {}
+        data = yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{known.config}: expected a mapping of options")
         names = {f.name for f in fields(RecipeArguments)}
@@ -161,6 +164,10 @@ def resolve_profile(args: RecipeArguments) -> RecipeArguments:
         args.model = "bi-encoder"
     if args.model not in ("classifier", "bi-encoder"):
         raise ValueError(f"model must be 'classifier' or 'bi-encoder', got {args.model!r}")
+    if args.fisher_batch_size is None:  # the bi-encoder's Fisher softmax is over one batch's candidates, as in training
+        args.fisher_batch_size = args.batch_size if args.model == "bi-encoder" else CLASSIFIER_FISHER_BATCH_SIZE
+    if args.temperature is None and not args.prior:  # with --prior: the loaded model's (resolve_prior_temperature)
+        args.temperature = DEFAULT_TEMPERATURE
     for m in _split(args.methods):
         if m not in METHOD_PENALTY:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHOD_PENALTY)}")
@@ -304,6 +311,9 @@ def initial_model(args: RecipeArguments) -> tuple[Any, Any]:
         model = load_el_model(args.prior, token=args.hub_token)
         if model.formulation != args.model:
             raise ValueError(f"--prior {args.prior} holds a {model.formulation} model but --model is {args.model}")
+        if args.temperature is None:  # not resolved yet (resolve_prior_temperature): the saved one
+            args.temperature = float(model.config.temperature)
+        model.config.temperature = float(args.temperature)  # the value recorded in the run's config
         tok = model.tokenizer or AutoTokenizer.from_pretrained(default_encoder_path())
     else:
         cls = ELClassifier if args.model == "classifier" else ELBiEncoder
@@ -319,6 +329,22 @@ def initial_model(args: RecipeArguments) -> tuple[Any, Any]:
         model.freeze_word_embeddings()
     model.tokenizer = tok
     return model, tok
+
+
+def resolve_prior_temperature(args: RecipeArguments) -> None:
+    """With ``--prior``: the temperature is the loaded model's saved one unless ``--temperature`` (flag or
+    YAML) gives another, which then overrides it (logged). Resolved before any run, so that the recorded
+    config, the fingerprints and the model all hold the value really used."""
+    if not args.prior:
+        return
+    from hf_kfac.el.models import read_el_spec
+
+    saved = float(read_el_spec(args.prior, token=args.hub_token).get("temperature", DEFAULT_TEMPERATURE))
+    if args.temperature is None:
+        args.temperature = saved
+    elif float(args.temperature) != saved:
+        logger.warning("--temperature %g overrides the temperature %g saved with --prior %s: the loaded model "
+                       "continues with %g", args.temperature, saved, args.prior, args.temperature)
 
 
 def add_head(args: RecipeArguments, model: Any, tokenizer: Any, task: Any) -> None:
@@ -546,7 +572,7 @@ class MethodRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = self._new_state()
         if args.resume and self._state_path().is_file():
-            old = json.loads(self._state_path().read_text())
+            old = json.loads(self._state_path().read_text(encoding="utf-8"))
             if self.matches(old):
                 # a run of an older recipe: the splits in the canonical order, and what it did not record
                 changed = old.get("fingerprint") != state["fingerprint"]
@@ -628,7 +654,7 @@ class MethodRun:
             if reuse:
                 cached = load_el_model(stage0)
                 model.load_state_dict(cached.state_dict())
-                info = json.loads((stage0 / "row.json").read_text())
+                info = json.loads((stage0 / "row.json").read_text(encoding="utf-8"))
                 row, et, tt = info["row"], info["eval_time"], info["train_time"]
                 logger.info("[%s] task %s: reusing the shared first-task model (%s)", self.tag, task.name, stage0)
             else:
@@ -815,7 +841,7 @@ def collect_states(run_roots: list[Path]) -> dict[str, dict[str, Any]]:
             mdirs = sorted(p for p in base.iterdir() if p.is_dir() and _is_method_dir(p))
         for mdir in mdirs:
             sel = mdir / "selected.json"
-            st = json.loads((sel if sel.is_file() else mdir / "progress.json").read_text())
+            st = json.loads((sel if sel.is_file() else mdir / "progress.json").read_text(encoding="utf-8"))
             if not st.get("complete"):
                 logger.warning("%s is not complete; left out", mdir)
                 continue
@@ -915,8 +941,8 @@ def summarize(args: RecipeArguments, states: dict[str, dict[str, Any]], out_dir:
     return results
 
 
-_GRID_KEYS = ("forgetting", "forgetting_ci", "reduction", "reduction_ci", "final_avg_acc", "final_avg_acc_ci",
-              "last_task_acc", "last_task_acc_ci")
+_GRID_KEYS = ("forgetting", "forgetting_ci", "reduction", "reduction_ci", "reduction_ci_reason", "final_avg_acc",
+              "final_avg_acc_ci", "last_task_acc", "last_task_acc_ci")
 
 
 def grid_entries(state: dict[str, Any], split: str, baseline: dict[str, Any] | None,
@@ -938,7 +964,7 @@ def grid_entries(state: dict[str, Any], split: str, baseline: dict[str, Any] | N
         path = root / f"lambda-{lam}" / "progress.json"
         if not path.is_file():
             continue
-        st = json.loads(path.read_text())
+        st = json.loads(path.read_text(encoding="utf-8"))
         if not st.get("complete") or split not in st["rows"][0]:
             continue
         chosen = st["lambda"] == state["lambda"]
@@ -957,6 +983,30 @@ def _fmt(x: Any, ci: Any = None, pct: bool = True) -> str:
     return s
 
 
+def _fmt_reduction(e: dict[str, Any], mark: str = " (no CI, see notes)") -> str:
+    """The reduction with its CI; a reduction whose CI was withheld (``reduction_ci_reason``) gets ``mark``."""
+    s = _fmt(e.get("reduction"), e.get("reduction_ci"))
+    if e.get("reduction") is not None and e.get("reduction_ci") is None and e.get("reduction_ci_reason"):
+        s += mark
+    return s
+
+
+def reduction_notes(methods: dict[str, Any]) -> list[str]:
+    """Why a reduction or its CI is missing, and how many bootstrap draws its CI left out, per method."""
+    notes = []
+    for m, e in methods.items():
+        if m == "finetune":
+            continue
+        if e.get("reduction_reason"):
+            notes.append(f"* {m}: no reduction: {e['reduction_reason']}.")
+        elif e.get("reduction_ci_reason"):
+            notes.append(f"* {m}: reduction without CI: {e['reduction_ci_reason']}.")
+        elif e.get("reduction_ci_dropped"):
+            notes.append(f"* {m}: the reduction's CI leaves out the {100 * e['reduction_ci_dropped']:.1f}% of "
+                         "bootstrap draws in which fine-tuning forgets nothing (no reduction there).")
+    return notes
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The model-card table: one row per method, then each method's R matrix."""
     tasks = results["tasks"]
@@ -972,11 +1022,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for m, e in results["methods"].items():
         lam = "–" if e.get("lambda") is None else f"{e['lambda']:g}"
-        red = _fmt(e.get("reduction"), e.get("reduction_ci")) if m != "finetune" else "0 (reference)"
+        red = _fmt_reduction(e) if m != "finetune" else "0 (reference)"
         lines.append(f"| {m} | {lam} | {_fmt(e.get('forgetting'), e.get('forgetting_ci'))} | {red} | "
                      f"{_fmt(e.get('final_avg_acc'), e.get('final_avg_acc_ci'))} | "
                      f"{_fmt(e.get('last_task_acc'), e.get('last_task_acc_ci'))} | {e['total_train_time_s']:.0f} | "
                      f"{e['total_consolidation_time_s']:.0f} |")
+    notes = reduction_notes(results["methods"])
+    if notes:
+        lines += ["", "Notes on the reduction:", "", *notes]
     for m, e in results["methods"].items():
         lines += ["", f"**{m}**: R (rows: after training; columns: evaluated task; acc@1 %)", "",
                   "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -995,7 +1048,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             for r in rows:
                 lam = f"**{r['lambda']:g}**" if r["chosen"] else f"{r['lambda']:g}"
                 lines.append(f"| {m} | {lam} | {_fmt(r['dev_final_avg_acc'])} | "
-                             f"{_fmt(r['forgetting'], r['forgetting_ci'])} | {_fmt(r['reduction'], r['reduction_ci'])} | "
+                             f"{_fmt(r['forgetting'], r['forgetting_ci'])} | {_fmt_reduction(r, ' (no CI)')} | "
                              f"{_fmt(r['final_avg_acc'], r['final_avg_acc_ci'])} | "
                              f"{_fmt(r['last_task_acc'], r['last_task_acc_ci'])} |")
     return "\n".join(lines) + "\n"
@@ -1094,7 +1147,7 @@ def finished_grid_runs(args: RecipeArguments, method: str, tasks: list[Any], roo
         path = d / "progress.json"
         if not path.is_file():
             continue
-        st = json.loads(path.read_text())
+        st = json.loads(path.read_text(encoding="utf-8"))
         lam = st.get("lambda")
         if lam is None or lam in skip or not st.get("complete"):
             continue
@@ -1163,7 +1216,7 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
         for p, ((ep, lr), pdir) in enumerate(zip(points, pdirs)):
             done = pdir / "result.json"
             if done.is_file():
-                if json.loads(done.read_text()).get("key") != key:
+                if json.loads(done.read_text(encoding="utf-8")).get("key") != key:
                     raise ValueError(f"{pdir} holds a budget search made with other options (or another budget for "
                                      "an earlier task); use another --output_dir, or delete its budget/ folder")
                 continue
@@ -1184,7 +1237,7 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
             _write_json(done, {"epochs": ep, "learning_rate": lr, "dev_acc1": res.acc1, "seconds": round(took, 1),
                                "worker": worker, "key": key})
         _wait_for([d / "result.json" for d in pdirs], task.name)
-        results = [json.loads((d / "result.json").read_text()) for d in pdirs]
+        results = [json.loads((d / "result.json").read_text(encoding="utf-8")) for d in pdirs]
         best = max(range(len(points)), key=lambda p: (results[p]["dev_acc1"], -p))
         model.load_state_dict(load_el_model(pdirs[best] / "model").state_dict())
         ep, lr = points[best]
@@ -1278,11 +1331,12 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         common = _describe_from_runs(args, states)
         config = dict(common or recorded_config(args), report_split=args.report_split)
         results = summarize(args, states, out_dir, {"merged_from": list(args.merge_runs)}, config=config)
-        print((out_dir / "results.md").read_text())
+        print((out_dir / "results.md").read_text(encoding="utf-8"))
         return results
     t_start = time.perf_counter()
     if args.tune_budget:  # a typo is refused before the tasks are loaded
         budget_grid(args)
+    resolve_prior_temperature(args)
     tasks = load_tasks(args)
     for t in tasks:
         logger.info("task %s: %s", t.name, t.stats())
@@ -1317,7 +1371,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.save_models == "none":
         shutil.rmtree(shared, ignore_errors=True)
     if not args.quiet:
-        print((out_dir / "results.md").read_text())
+        print((out_dir / "results.md").read_text(encoding="utf-8"))
     return results
 
 

@@ -333,6 +333,55 @@ def test_a_folder_holding_parts_of_two_saves_is_refused_at_load(tmp_path, stale:
         ELClassifier.from_pretrained(first)
 
 
+def _weight_files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_file() and p.name.startswith(("model", "pytorch_model"))}
+
+
+@pytest.mark.parametrize("first_shard,second_shard", [(None, "2KB"), ("2KB", None)],
+                         ids=["single-then-sharded", "sharded-then-single"])
+def test_a_resave_with_other_sharding_loads_the_new_weights_everywhere(tmp_path, first_shard, second_shard) -> None:
+    """transformers leaves a stale model.safetensors (which it loads before a new index) or a stale index
+    (naming deleted shards) when a folder is re-saved with other sharding: the new save removes them, so
+    plain AutoModel and load_el_model both read the new weights."""
+    m = _classifier().eval()
+    kw = lambda size: {} if size is None else {"max_shard_size": size}  # noqa: E731
+    m.save_pretrained(tmp_path, **kw(first_shard))
+    assert ("model.safetensors.index.json" in _weight_files(tmp_path)) == (first_shard is not None)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1)
+    m.save_pretrained(tmp_path, **kw(second_shard))
+    files = _weight_files(tmp_path)
+    if second_shard is None:
+        assert files == {"model.safetensors"}
+    else:
+        assert "model.safetensors" not in files and "model.safetensors.index.json" in files and len(files) > 2
+    assert not [p.name for p in tmp_path.iterdir() if p.is_dir()]  # the temporary encoder folder is gone
+    enc = AutoModel.from_pretrained(tmp_path)
+    for k, v in m.encoder.state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+    back = load_el_model(tmp_path)
+    want = m.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    for k, v in back.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+
+
+def test_a_stray_single_weight_file_beside_a_sharded_save_is_refused(tmp_path) -> None:
+    """AutoModel.from_pretrained takes model.safetensors before model.safetensors.index.json: a single file
+    that appears beside a recorded sharded save would be loaded in place of it, so the load is refused."""
+    import shutil
+
+    m = _classifier(seed=0)
+    m.save_pretrained(tmp_path / "single")
+    m.save_pretrained(tmp_path / "sharded", max_shard_size="2KB")
+    load_el_model(tmp_path / "sharded")
+    shutil.copy2(tmp_path / "single" / "model.safetensors", tmp_path / "sharded" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors in '.*sharded' is not among the files el_model.json "
+                                         r"was saved with, yet AutoModel.from_pretrained would load it"):
+        load_el_model(tmp_path / "sharded")
+
+
 def test_loading_from_the_hub_fetches_the_root_model_files_only(hub_server, tmp_path) -> None:
     """Whatever the prior's subfolder is called (prior_subfolder), neither it nor checkpoints are downloaded."""
     import shutil
@@ -493,6 +542,24 @@ def test_evaluate_biencoder_takes_the_max_over_a_concepts_strings() -> None:
     assert res.acc1 == 0.75 and res.acc5 == 1.0
 
 
+def test_a_concept_missing_from_the_task_is_named_not_a_bare_key_error() -> None:
+    """A hand-built task whose gold or dictionary concept is not in concept_names: a ValueError names the
+    task, the split and the concept (the classifier path already did)."""
+    task = _task()
+    bad_gold = ELTask("t", task.concept_names, task.train, task.dev, [("heart infarction", "C1")], task.dictionary)
+    tok = _StrTok([s for s, _ in task.dictionary] + ["heart infarction"])
+    enc = _VecEncoder(torch.randn(len(tok.ids) + 1, 3))
+    with pytest.raises(ValueError, match=r"task 't': 1 test split pair\(s\) name a concept that is not among the "
+                                         r"task's 3 concepts .*'heart infarction' -> 'C1'.*concept_names"):
+        evaluate_biencoder(enc, tok, bad_gold, "test", n_boot=10)
+    bad_dict = ELTask("t", {"c1": "heart attack"}, [], [], [("heart infarction", "c1")],
+                      [("heart attack", "c1"), ("diabetes", "c2")])
+    with pytest.raises(ValueError, match=r"task 't': 1 dictionary pair\(s\) .*'diabetes' -> 'c2'"):
+        evaluate_biencoder(enc, tok, bad_dict, "test", n_boot=10)
+    with pytest.raises(ValueError, match=r"task 't': 1 dictionary pair\(s\) .*'diabetes' -> 'c2'"):
+        classifier_examples(bad_dict)
+
+
 # ---------------------------------------------------------------------------- sequence metrics
 def test_forgetting_and_reduction_on_a_hand_built_R() -> None:
     R_ft = [[0.8, None, None], [0.5, 0.9, None], [0.4, 0.6, 0.7]]
@@ -525,3 +592,37 @@ def test_bootstrap_sequence_metrics_are_paired() -> None:
     assert out["final_avg_acc_ci"][0] <= out["final_avg_acc"] <= out["final_avg_acc_ci"][1]
     with pytest.raises(ValueError, match="paired"):
         bootstrap_sequence_metrics([[base[0][0][:10]]], [[base[0][0]]], n_boot=10)
+
+
+def _one_forgetting_task(n: int, forgotten: int) -> tuple[list, list]:
+    """Two tasks: fine-tuning forgets ``forgotten`` of task 0's n items (all right before), the method none."""
+    before = np.ones(n, dtype=bool)
+    after = before.copy()
+    after[:forgotten] = False
+    last = np.ones(n, dtype=bool)
+    return [[before, None], [after, last]], [[before, None], [before.copy(), last]]
+
+
+def test_reduction_ci_is_withheld_when_finetune_forgets_nothing_in_too_many_draws() -> None:
+    """Fine-tuning forgets one item in 100: a draw misses it (no forgetting, no reduction) with probability
+    (1 - 1/100)^100 = 36.6%, far above the 2.5% a 95% interval may leave out: no CI, with the reason."""
+    n, B = 100, 2000
+    base, meth = _one_forgetting_task(n, forgotten=1)
+    out = bootstrap_sequence_metrics(meth, base, n_boot=B, seed=0)
+    assert out["reduction"] == pytest.approx(1.0)  # the point estimate is defined: 1 - 0 / 0.01
+    assert out["reduction_ci"] is None
+    assert out["reduction_ci_dropped"] == pytest.approx((1 - 1 / n) ** n, abs=0.04)  # binomial sd ≈ 0.011
+    assert "forgets nothing" in out["reduction_ci_reason"] and "2.5%" in out["reduction_ci_reason"]
+
+
+def test_reduction_ci_is_kept_and_its_dropped_draws_counted_when_they_are_few() -> None:
+    """Fine-tuning forgets 4 items in 100: (1 - 4/100)^100 = 1.7% of draws miss all four (< 2.5%); the CI is
+    kept, over the other draws, and the fraction left out is recorded."""
+    n, B = 100, 4000
+    base, meth = _one_forgetting_task(n, forgotten=4)
+    out = bootstrap_sequence_metrics(meth, base, n_boot=B, seed=0)
+    assert out["reduction_ci_dropped"] == pytest.approx((1 - 4 / n) ** n, abs=0.006)  # binomial sd ≈ 0.002
+    assert out["reduction_ci"] == [1.0, 1.0] and "reduction_ci_reason" not in out  # the method never forgets
+    many, meth_many = _one_forgetting_task(n, forgotten=40)
+    full = bootstrap_sequence_metrics(meth_many, many, n_boot=500, seed=0)
+    assert full["reduction_ci_dropped"] == 0.0 and full["reduction_ci"] == [1.0, 1.0]

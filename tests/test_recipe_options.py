@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -222,3 +223,104 @@ def test_push_with_hub_token_works_and_uploads_no_token(hub_server, tmp_path: Pa
     assert "| after \\ on | diseases | drugs |" in card
     rows = [line for line in card.splitlines() if line.startswith("| drugs |")]
     assert any(f"{R[1][0]:.3f}" in line and f"{R[1][1]:.3f}" in line for line in rows), (rows, R)
+
+
+# ------------------------------------------------------------------ --temperature with --prior
+@pytest.fixture(scope="module")
+def biencoder_prior(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny bi-encoder (no Fisher) with temperature 0.1, not the recipe's default 0.05."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hf_kfac.el.models import ELBiEncoder, default_encoder_path
+
+    tok = AutoTokenizer.from_pretrained(default_encoder_path())
+    torch.manual_seed(0)
+    model = ELBiEncoder.from_encoder_config(recipe.tiny_encoder_config(tok.vocab_size), tokenizer=tok, temperature=0.1)
+    folder = tmp_path_factory.mktemp("prior") / "bi"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _temperature_run(prior: Path, out: Path, *flags: str) -> tuple[dict, float]:
+    """results.json's config and the temperature saved with the run's last model."""
+    recipe.main([*SMALL, "--model", "bi-encoder", "--methods", "finetune", "--tasks", "A", "--prior", str(prior),
+                 "--save_models", "last", "--output_dir", str(out), *flags])
+    ckpt = Path(json.loads((out / "runs" / "finetune" / "progress.json").read_text())["checkpoint"])
+    return json.loads((out / "results.json").read_text())["config"], json.loads((ckpt / "el_model.json").read_text())["temperature"]
+
+
+def test_prior_keeps_its_saved_temperature_and_records_it(biencoder_prior: Path, tmp_path: Path) -> None:
+    config, used = _temperature_run(biencoder_prior, tmp_path / "o")
+    assert used == 0.1 and config["temperature"] == 0.1  # not the recipe's default 0.05
+
+
+def test_an_explicit_temperature_overrides_the_priors_and_is_what_is_recorded(
+        biencoder_prior: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="hf_kfac.recipe"):
+        config, used = _temperature_run(biencoder_prior, tmp_path / "o", "--temperature", "0.02")
+    assert used == 0.02 and config["temperature"] == 0.02
+    assert "--temperature 0.02 overrides the temperature 0.1 saved with --prior" in caplog.text
+    st = json.loads((tmp_path / "o" / "runs" / "finetune" / "progress.json").read_text())
+    assert st["data_options"]["temperature"] == 0.02
+
+
+# ------------------------------------------------------------------ fisher_batch_size
+def test_biencoder_fisher_batch_defaults_to_the_training_batch_and_an_explicit_one_is_kept() -> None:
+    """The bi-encoder's Fisher softmax is over one Fisher batch's candidates: by default as many as training saw."""
+    bi = recipe.parse_args(["--config", TINY, "--model", "bi-encoder", "--batch_size", "12"])
+    assert bi.fisher_batch_size == 12
+    assert recipe.continual_config(bi, "kfac", 1.0, 100, Path("x"), 1.0, 1e-3).fisher_batch_size == 12
+    explicit = recipe.parse_args(["--config", TINY, "--model", "bi-encoder", "--batch_size", "12",
+                                  "--fisher_batch_size", "5"])
+    assert explicit.fisher_batch_size == 5
+    clf = recipe.parse_args(["--config", TINY, "--batch_size", "12"])
+    assert clf.fisher_batch_size == 32  # the classifier's default is unchanged
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_keep_the_fingerprints_of_runs_made_before_these_defaults(config: Path) -> None:
+    """Runs made when --fisher_batch_size defaulted to 32 and --temperature to 0.05 still resume and merge:
+    each shipped config resolves to those values (the bi-encoder demo trains with batch size 32)."""
+    new = recipe.parse_args(["--config", str(config)])
+    old = recipe.parse_args(["--config", str(config), "--fisher_batch_size", "32", "--temperature", "0.05"])
+    tasks = [SimpleNamespace(name=n) for n in ("diseases", "drugs", "phenotypes")]
+    for method in ("finetune", "kfac"):
+        runs = [recipe.MethodRun(a, method, 1.0, tasks, Path("x"), ["test"], Path("s")) for a in (new, old)]
+        assert runs[0].fingerprint() == runs[1].fingerprint()
+    assert recipe.data_options(new, tasks) == recipe.data_options(old, tasks)
+    assert recipe.recorded_config(new) == recipe.recorded_config(old)
+
+
+# ------------------------------------------------------------------ reduction CI withheld
+def _hand_state(method: str, flags: list[list[Any]]) -> dict[str, Any]:
+    from hf_kfac.el.evaluation import flags_to_str
+
+    rows = [{"test": [None if f is None else {"acc1": float(f.mean()), "acc1_ci": [0.0, 1.0], "acc5": 1.0,
+                                              "acc5_ci": [1.0, 1.0], "n": len(f), "correct1": flags_to_str(f)}
+                      for f in row]} for row in flags]
+    return {"method": method, "tasks": ["a", "b"], "rows": rows, "row_task": ["a", "b"], "penalty": "kfac",
+            "lambda": 1.0, "lambda_abs": [None, None], "train_time": [1.0, 1.0], "consolidation_time": [0.0, 0.0],
+            "eval_time": [0.0, 0.0]}
+
+
+def test_a_withheld_reduction_ci_is_reported_with_its_reason_in_json_and_table() -> None:
+    """Fine-tuning forgets 1 of 100 items: about 37% of the bootstrap draws have no fine-tuning forgetting, so
+    the reduction has no CI; results.json says why and results.md marks it and prints the reason."""
+    import numpy as np
+
+    n = 100
+    before, last = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+    forgot = before.copy()
+    forgot[0] = False
+    ft = _hand_state("finetune", [[before, None], [forgot, last]])
+    kf = _hand_state("kfac", [[before, None], [before.copy(), last]])
+    methods = {"finetune": recipe.method_entry(ft, "test", ft, 500), "kfac": recipe.method_entry(kf, "test", ft, 500)}
+    entry = recipe._clean(methods["kfac"])
+    assert entry["reduction"] == 1.0 and entry["reduction_ci"] is None
+    assert 0.25 < entry["reduction_ci_dropped"] < 0.5 and "forgets nothing" in entry["reduction_ci_reason"]
+    json.dumps(entry)  # strict JSON
+    table = recipe.markdown_table({"model": "bi-encoder", "encoder": "tiny", "profile": "tiny", "tasks": ["a", "b"],
+                                   "split": "test", "methods": methods})
+    assert "| kfac | 1 | 0.0 [0.0, 0.0] | 100.0 (no CI, see notes) |" in table
+    assert f"* kfac: reduction without CI: {entry['reduction_ci_reason']}." in table

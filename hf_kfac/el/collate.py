@@ -50,6 +50,7 @@ def classifier_examples(task: ELTask, source: str = "dictionary") -> list[tuple[
     """(string, class index) pairs: ``source`` = ``dictionary`` (names + train mentions) or ``train``."""
     index = task.concept_index
     pairs = task.dictionary if source == "dictionary" else task.split(source)
+    task.check_concepts(source, pairs, index)
     return [(s, index[c]) for s, c in pairs]
 
 

@@ -127,9 +127,9 @@ def map_texts(model: Any, tokenizer: Any, texts: Sequence[str], fn: Callable[[Te
               batch_size: int = 256, max_length: int = 32) -> Tensor:
     """Rows ``fn(input_ids, attention_mask)`` for ``texts`` in eval mode: ``(n, width)`` float32 on CPU, in order.
 
-    Texts are batched by length (:func:`_batches_by_length`); the model's train/eval mode is restored.
+    Texts are batched by length (:func:`_batches_by_length`); every module's train/eval mode is restored.
     """
-    was = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     dev = _device(model)
     out = torch.empty(len(texts), width)
@@ -137,7 +137,8 @@ def map_texts(model: Any, tokenizer: Any, texts: Sequence[str], fn: Callable[[Te
         for pos, ids, am in _batches_by_length(tokenizer, texts, batch_size, max_length):
             out[pos] = fn(ids.to(dev), am.to(dev)).float().cpu()
     finally:
-        model.train(was)
+        for m, mode in modes.items():
+            m.training = mode
     return out
 
 
@@ -223,6 +224,7 @@ def evaluate_biencoder(model: Any, tokenizer: Any, task: ELTask, split: str = "t
     pairs = eval_pairs(task, split, max_items, item_seed)
     if not pairs:
         raise ValueError(f"task {task.name!r} has no {split} items to evaluate")
+    task.check_concepts(f"{split} split", pairs, index.concept_index)
     q = encode_texts(model, tokenizer, [m for m, _ in pairs], batch_size, max_length)
     targets = torch.tensor([index.concept_index[c] for _, c in pairs])
     ranks = []
@@ -330,6 +332,29 @@ def _boot_forgetting(acc: list[list[np.ndarray | None]], n_boot: int, starts: li
     return np.mean(np.stack(per), axis=0) if per else np.full(n_boot, np.nan)
 
 
+def _reduction_interval(f_boot: np.ndarray, fb: np.ndarray, confidence: float) -> dict[str, Any]:
+    """``reduction_ci`` from paired draws of forgetting (method ``f_boot``, fine-tuning ``fb``).
+
+    A draw where fine-tuning forgets nothing (``fb <= 0``, or undefined) has no reduction. When more
+    than (1 - confidence) / 2 of the draws are such, a percentile interval over the others would
+    misstate the uncertainty: ``reduction_ci`` is ``None`` with a ``reduction_ci_reason``. Otherwise the
+    interval is over the defined draws. ``reduction_ci_dropped`` is the fraction of draws left out."""
+    defined = np.isfinite(fb) & np.isfinite(f_boot) & (fb > 0)
+    dropped = float(1.0 - defined.mean()) if defined.size else 1.0
+    out: dict[str, Any] = {"reduction_ci_dropped": dropped}
+    limit = (1.0 - confidence) / 2
+    if dropped > limit:
+        out["reduction_ci"] = None
+        out["reduction_ci_reason"] = (
+            f"fine-tuning forgets nothing (forgetting <= 0) in {dropped:.1%} of the {defined.size} bootstrap "
+            f"draws, where the reduction is undefined; that is more than the {limit:.1%} a {confidence:.0%} "
+            "interval may leave out, so no CI is given (forgetting_diff_vs_baseline_ci has no such gap)")
+        return out
+    red = 1.0 - f_boot[defined] / fb[defined]
+    out["reduction_ci"] = _interval(red, confidence)
+    return out
+
+
 def bootstrap_sequence_metrics(flags: Sequence[Sequence[np.ndarray | None]],
                                baseline_flags: Sequence[Sequence[np.ndarray | None]] | None = None,
                                n_boot: int = 1000, seed: int = 0, confidence: float = 0.95,
@@ -339,7 +364,9 @@ def bootstrap_sequence_metrics(flags: Sequence[Sequence[np.ndarray | None]],
 
     Items of each task are resampled with replacement, the same draw for every row and for
     ``baseline_flags`` (paired). Returns point estimates and ``[low, high]`` intervals of
-    forgetting, final average accuracy, last-task accuracy and (with a baseline) reduction.
+    forgetting, final average accuracy, last-task accuracy and (with a baseline) reduction; the
+    reduction's interval is ``None`` (with ``reduction_ci_reason``) when too many draws have no
+    reduction, see :func:`_reduction_interval`.
     """
     T = len(flags)
     n_tasks = len(flags[0]) if flags else 0
@@ -372,10 +399,8 @@ def bootstrap_sequence_metrics(flags: Sequence[Sequence[np.ndarray | None]],
     }
     if baseline_flags is not None:
         fb = _boot_forgetting(_boot_rows(baseline_flags, idx), n_boot, starts)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            red = np.where(fb > 0, 1.0 - f_boot / fb, np.nan)
         out["reduction"] = point.get("reduction", float("nan"))
-        out["reduction_ci"] = _interval(red, confidence)
+        out.update(_reduction_interval(f_boot, fb, confidence))
         out["forgetting_diff_vs_baseline"] = float(point["forgetting"] - sequence_metrics(
             [[None if f is None else float(np.mean(f)) for f in row] for row in baseline_flags],
             start_rows=starts)["forgetting"])

@@ -39,6 +39,9 @@ formulation, pooling, temperature and every head's task name and concept-id list
 (``heads.<task>.weight``). ``el_model.json`` is written last and records the SHA-256 of
 the encoder's config and weights and of the heads, so a folder left holding parts of two
 saves (one interrupted midway) is refused at load rather than mixed.
+A save into a folder holding an earlier save with another sharding removes that save's weight files
+(transformers leaves a stale single ``model.safetensors``, which it would load first, or a stale index);
+the recorded files are the ones ``AutoModel.from_pretrained`` loads, in its order.
 ``ELClassifier.from_pretrained(folder)`` (or :func:`load_el_model`) restores the whole model.
 Parameter names of the model object are ``encoder.<encoder parameter>`` and ``heads.<task>.weight|bias`` both when trained and when
 re-loaded, so a prior saved from the trained model passes ``Prior.check_compatible`` on
@@ -50,6 +53,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +81,7 @@ __all__ = [
     "default_encoder_path",
     "resolve_encoder",
     "load_el_model",
+    "read_el_spec",
     "build_el_model",
     "mean_pool",
     "concept_key",
@@ -191,17 +198,32 @@ def _el_files_folder(path_or_repo: str | os.PathLike, revision: str | None, toke
 _NOT_MODEL_FILES = ["*/*", *prior_file_patterns("")]
 
 
+# The encoder's weight files in transformers' loading order (``from_pretrained`` of a local folder takes
+# the first one present: a single safetensors file before a sharded index, safetensors before pickles).
+_WEIGHT_ENTRIES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+_SHARD_NAME = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+_ENCODER_TMP_PREFIX = ".hf_kfac-encoder-"
+
+
+def _is_weight_file(name: str) -> bool:
+    """Whether ``name`` is an encoder weight file of a save: a single file, an index or a shard."""
+    return name in _WEIGHT_ENTRIES or _SHARD_NAME.fullmatch(name) is not None
+
+
 def _model_files(folder: Path) -> list[str]:
-    """The files a saved model is made of: the encoder's config and weights (one file, or an index and
-    the shards it names) and the heads."""
+    """The files a saved model is made of: the encoder's config and the weights that
+    ``AutoModel.from_pretrained`` loads (the first of :data:`_WEIGHT_ENTRIES` present: one file, or an
+    index and the shards it names) and the heads."""
     names = ["config.json"]
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text()).get("weight_map", {})
-            names += [index, *sorted(set(weight_map.values()))]
-            break
-    else:
-        names += [f for f in ("model.safetensors", "pytorch_model.bin") if (folder / f).is_file()][:1]
+    for entry in _WEIGHT_ENTRIES:
+        if not (folder / entry).is_file():
+            continue
+        names.append(entry)
+        if entry.endswith(".index.json"):
+            weight_map = json.loads((folder / entry).read_text(encoding="utf-8")).get("weight_map", {})
+            names += sorted(set(weight_map.values()))
+        break
     if (folder / HEADS_FILE).is_file():
         names.append(HEADS_FILE)
     return names
@@ -221,6 +243,13 @@ def _check_files(folder: Path, expected: Mapping[str, str] | None) -> None:
                 "parts of two saves, e.g. one that was interrupted. Save the model again, or load an "
                 "earlier checkpoint."
             )
+    unrecorded = [name for name in _model_files(folder) if name not in expected]
+    if unrecorded:  # e.g. a model.safetensors beside the recorded sharded save: transformers would load it
+        raise ValueError(
+            f"{unrecorded[0]} in {str(folder)!r} is not among the files {EL_MODEL_FILE} was saved with, yet "
+            "AutoModel.from_pretrained would load it: the folder holds parts of two saves. Delete "
+            f"{unrecorded[0]} if it is not the model's, or save the model again."
+        )
 
 
 class _ELModel(PreTrainedModel):
@@ -312,10 +341,10 @@ class _ELModel(PreTrainedModel):
         enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
         head_sd = {k: v.detach().contiguous().cpu() for k, v in sd.items() if k.startswith("heads.")}
         encoder_kwargs = {k: v for k, v in kwargs.items() if k in ("max_shard_size", "safe_serialization")}
-        self.encoder.save_pretrained(folder, state_dict=enc_sd or None, is_main_process=is_main_process,
-                                     **encoder_kwargs)
         if not is_main_process:
+            self.encoder.save_pretrained(folder, state_dict=enc_sd or None, is_main_process=False, **encoder_kwargs)
             return
+        self._save_encoder(folder, enc_sd or None, encoder_kwargs)
         # each file is replaced whole (temporary file + rename): an interrupted save never leaves a half-written one
         if head_sd:
             save_safetensors_atomic(head_sd, folder / HEADS_FILE)
@@ -330,6 +359,28 @@ class _ELModel(PreTrainedModel):
         spec[FILES_SHA256_KEY] = {name: sha256_file(folder / name) for name in _model_files(folder)}
         write_json_atomic(folder / EL_MODEL_FILE, spec)
 
+    def _save_encoder(self, folder: Path, state_dict: Mapping[str, Tensor] | None,
+                      encoder_kwargs: Mapping[str, Any]) -> None:
+        """Save the encoder into ``folder`` as a plain HF model, and remove every weight file of an earlier
+        save that this one did not write.
+
+        transformers removes stale shards but keeps a stale ``model.safetensors`` (which it then loads
+        before a new sharded index) or a stale index (naming deleted shards). The encoder is therefore
+        written to a temporary folder inside ``folder`` (so its files are exactly this save's), moved in
+        file by file (renames), and the weight files not among them are deleted."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for left in folder.glob(_ENCODER_TMP_PREFIX + "*"):  # left by a save that was killed midway
+            shutil.rmtree(left, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=_ENCODER_TMP_PREFIX) as tmp:
+            self.encoder.save_pretrained(tmp, state_dict=state_dict, is_main_process=True, **encoder_kwargs)
+            # shards before their index: the index never names a file not yet in place
+            written = sorted(os.listdir(tmp), key=lambda n: (n.endswith(".index.json"), n))
+            for name in written:
+                os.replace(os.path.join(tmp, name), folder / name)
+        for stale in sorted(p for p in folder.iterdir() if p.is_file() and _is_weight_file(p.name)
+                            and p.name not in written):
+            stale.unlink()
+
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, *args: Any, revision: str | None = None,
                         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
@@ -343,7 +394,7 @@ class _ELModel(PreTrainedModel):
         spec_file = folder / EL_MODEL_FILE
         if not spec_file.is_file():
             return cls.from_encoder(str(folder), **kwargs)
-        spec = json.loads(spec_file.read_text())
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
         _check_files(folder, spec.get(FILES_SHA256_KEY))
         if spec.get("formulation") != cls.formulation:
             raise ValueError(f"{str(folder)!r} holds a {spec.get('formulation')!r} model, not a "
@@ -579,6 +630,17 @@ def build_el_model(formulation: str, encoder: str | os.PathLike | None = None, *
     return cls.from_encoder(encoder, **config_kwargs)
 
 
+def read_el_spec(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> dict[str, Any]:
+    """The options saved in a model's ``el_model.json`` (formulation, pooling, temperature, heads...),
+    from a folder or a Hub repo, without building the model."""
+    folder = _el_files_folder(path_or_repo, revision, token, cache_dir, local_files_only)
+    spec_file = folder / EL_MODEL_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} holds no {EL_MODEL_FILE}: not a saved hf_kfac entity-linking model")
+    return json.loads(spec_file.read_text(encoding="utf-8"))
+
+
 def load_el_model(path_or_repo: str | os.PathLike, **kwargs: Any) -> _ELModel:
     """Load a saved entity-linking model of either formulation (folder or Hub repo)."""
     folder = _el_files_folder(path_or_repo, kwargs.pop("revision", None), kwargs.pop("token", None),
@@ -586,7 +648,7 @@ def load_el_model(path_or_repo: str | os.PathLike, **kwargs: Any) -> _ELModel:
     spec_file = folder / EL_MODEL_FILE
     if not spec_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no {EL_MODEL_FILE}: not a saved hf_kfac entity-linking model")
-    formulation = json.loads(spec_file.read_text()).get("formulation")
+    formulation = json.loads(spec_file.read_text(encoding="utf-8")).get("formulation")
     cls = {"classifier": ELClassifier, "bi-encoder": ELBiEncoder}.get(formulation)
     if cls is None:
         raise ValueError(f"{spec_file}: unknown formulation {formulation!r}")

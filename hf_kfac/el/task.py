@@ -110,7 +110,22 @@ class ELTask:
     def dictionary_index(self) -> tuple[list[str], list[int]]:
         """Dictionary strings and, aligned, the class index of each string's concept."""
         index = self.concept_index
+        self.check_concepts("dictionary", self.dictionary, index)
         return [s for s, _ in self.dictionary], [index[c] for _, c in self.dictionary]
+
+    def check_concepts(self, what: str, pairs: Sequence[Pair], known: Mapping[str, int] | None = None) -> None:
+        """Raise a ValueError naming the task, ``what`` (a split or "dictionary") and a pair whose concept
+        id is not among ``known`` (default: the task's concepts)."""
+        known = self.concept_index if known is None else known
+        bad = [(s, c) for s, c in pairs if c not in known]
+        if bad:
+            s, c = bad[0]
+            raise ValueError(
+                f"task {self.name!r}: {len(bad)} {what} pair(s) name a concept that is not among the task's "
+                f"{len(known)} concepts (concept_names), e.g. {s!r} -> {c!r}. Every concept id used by the "
+                "splits and the dictionary must be a key of concept_names, spelt exactly alike (case, prefixes "
+                "such as 'MESH:'); a hand-built or filtered ELTask likely dropped it from concept_names or "
+                "spells it differently (ELTask.subset keeps them in step).")
 
     def split(self, which: str) -> list[Pair]:
         """Pairs of one split: 'train', 'dev' (alias 'validation') or 'test'."""
