@@ -74,12 +74,21 @@ def accuracy_from_history(prior: Prior) -> list[list[float | None]] | None:
     return rows or None
 
 
-def loading_code(model_class: str | None = None, model_module: str | None = None) -> tuple[str, str]:
+def loading_code(model_class: str | None = None, model_module: str | None = None,
+                 adapter_base: tuple[str, str, str | None] | None = None) -> tuple[str, str]:
     """The import line and the load expression (with ``{repo}`` left to fill) for the card's snippet.
 
     A transformers class loads with ``<Class>.from_pretrained``; an hf_kfac entity-linking model
-    with ``hf_kfac.el.load_el_model``; anything else names the class the model was trained with.
+    with ``hf_kfac.el.load_el_model``; a PEFT model (``adapter_base`` = the base model's class,
+    module and Hub id) with ``PeftModel.from_pretrained(base, repo, is_trainable=True)``, since
+    the adapter loads frozen otherwise; anything else names the class the model was trained with.
     """
+    if model_module and model_module.split(".")[0] == "peft":
+        cls, module, name = adapter_base or ("AutoModel", "transformers", None)
+        source = "transformers" if module.split(".")[0] == "transformers" else module
+        base = json.dumps(name) if name else '"<base model>"'
+        return (f"from peft import PeftModel\nfrom {source} import {cls}",
+                f"PeftModel.from_pretrained({cls}.from_pretrained({base}), {{repo}}, is_trainable=True)")
     if model_module and model_module.startswith("hf_kfac.el"):
         return "from hf_kfac.el import load_el_model", "load_el_model({repo})"
     if model_class and model_module and model_module.split(".")[0] == "transformers":
@@ -98,6 +107,7 @@ def render_model_card(
     model_name: str | None = None,
     model_class: str | None = None,
     model_module: str | None = None,
+    adapter_base: tuple[str, str, str | None] | None = None,
     base_model: str | None = None,
     penalty: str | None = None,
     prior_subfolder: str = DEFAULT_PRIOR_SUBFOLDER,
@@ -115,7 +125,7 @@ def render_model_card(
     ``penalty`` and ``lambda``); ``accuracy`` is the matrix R[i][j] (accuracy on task j after
     task i), taken from the tasks' ``metadata["accuracy"]`` dicts when not given.
     ``model_class`` / ``model_module`` (the trained model's class and module) choose how the
-    "Continue training" snippet loads the model (:func:`loading_code`). The penalty the card names
+    "Continue training" snippet loads the model (:func:`loading_code`; ``adapter_base`` for a PEFT model). The penalty the card names
     (and its snippet uses) is ``penalty``, except ``"none"`` or no penalty: then the one that uses
     the prior's shape (``identity`` -> ``l2``, ``diag`` -> ``ewc``, ``kfac`` -> ``kfac``), so that the
     snippet runs; a run with ``penalty="none"`` is said to have carried the prior along unapplied.
@@ -155,7 +165,7 @@ def render_model_card(
     )
     last_lambda = next((t["lam"] for t in reversed(tasks) if t["lam"] != "–"), 1.0)
     prior_info = dict(prior.config.to_dict(), penalty=pen)
-    import_line, load_expr = loading_code(model_class, model_module)
+    import_line, load_expr = loading_code(model_class, model_module, adapter_base)
     return ModelCard.from_template(
         card_data,
         template_path=str(_template()),

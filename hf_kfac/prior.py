@@ -211,7 +211,8 @@ _UNWRAP = (
     "Pass the unwrapped model: `model._orig_mod` for torch.compile, `model.module` for DDP/DataParallel, "
     "or accelerator.unwrap_model(model)."
 )
-_WRAPPER_SEGMENTS = ("_orig_mod", "module")  # what torch.compile and DDP/DataParallel put before parameter names
+_WRAPPER_SEGMENTS = ("_orig_mod", "module")
+_PEFT_PREFIX = "base_model.model."  # where a PEFT model holds its base model's parameters  # what torch.compile and DDP/DataParallel put before parameter names
 
 
 def _wrapper_of(model: nn.Module) -> str | None:
@@ -595,6 +596,13 @@ class Prior:
                 found = _wrapped_name(name, params)
                 if found is not None:
                     raise PriorFileError(_wrapped_message(name, found, "the prior covers"))
+                if f"{_PEFT_PREFIX}{name}" in params:
+                    raise PriorFileError(
+                        f"the prior covers {name!r} of the full model, but this is a PEFT model (it holds the weight as "
+                        f"{_PEFT_PREFIX + name!r}, frozen under the adapter): a prior on the full model's weights cannot "
+                        "constrain an adapter's. Continue with the full model (no adapter), or start a new prior for "
+                        "the adapter (train it without this prior, then consolidate)."
+                    )
                 raise PriorFileError(
                     f"the prior covers parameter {name!r}, which the model does not have: the prior was made for "
                     "another architecture. Load the model the prior was saved with, or start a new prior."

@@ -556,6 +556,12 @@ class ContinualTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
+        if self.model is not None and not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                f"{type(self.model).__name__} has no trainable parameter (every requires_grad is False), so there "
+                "is nothing to train. A PEFT adapter loaded with PeftModel.from_pretrained is frozen unless you pass "
+                "is_trainable=True; otherwise unfreeze the parameters to train (param.requires_grad_(True))."
+            )
         if resume_from_checkpoint is not None:
             self._restore_prior(os.fspath(resume_from_checkpoint))
         elif self.prior is not None and self.model is not None:
@@ -835,6 +841,7 @@ class ContinualTrainer(Trainer):
             model_name=model_name,
             model_class=type(self._unwrapped()).__name__,
             model_module=type(self._unwrapped()).__module__,
+            adapter_base=_adapter_base(self._unwrapped()),
             base_model=finetuned_from or _base_model(self.prior, self._unwrapped(), repo_id),
             penalty=str(self.args.penalty),
             prior_subfolder=self.args.prior_subfolder,
@@ -844,6 +851,18 @@ class ContinualTrainer(Trainer):
             **extra,
         )
 
+
+
+def _adapter_base(model: nn.Module) -> tuple[str, str, str | None] | None:
+    """For a PEFT model: its base model's class, module and Hub id (for the card's loading snippet)."""
+    get_base = getattr(model, "get_base_model", None)
+    if type(model).__module__.split(".")[0] != "peft" or not callable(get_base):
+        return None
+    base = get_base()
+    configs = getattr(model, "peft_config", None) or {}
+    config = configs.get(getattr(model, "active_adapter", None)) or next(iter(configs.values()), None)
+    name = getattr(config, "base_model_name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    return type(base).__name__, type(base).__module__, name or None
 
 
 def _base_model(prior: Prior, model: nn.Module, repo_id: str) -> str | None:

@@ -69,6 +69,34 @@ def test_single_linear_layer_kfac_is_exact(bias: bool) -> None:
         torch.testing.assert_close(curv.kfac[name].dense(), exact, rtol=1e-5, atol=1e-6)
 
 
+class _WeightNormedLinear(DeepLinear):
+    """One Linear whose output is divided by the norm of ``lin(I)``, computed on every forward and
+    detached (as DoRA does for its LoRA weight): that call's output reaches no prediction."""
+
+    def forward(self, features: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SimpleNamespace:
+        lin = self.layers[0]
+        scale = lin(torch.eye(lin.in_features)).detach().norm()
+        return SimpleNamespace(logits=lin(features) / scale)
+
+
+def test_a_call_whose_output_reaches_no_prediction_adds_nothing_to_a() -> None:
+    """K-FAC stays exact for one linear layer: the detached call on the identity adds no rows to A."""
+    torch.manual_seed(0)
+    model = _WeightNormedLinear([5, 3])
+    batches = _linear_batches(7, 1, 5, ragged=False)
+
+    def scaled_gaussian(m: nn.Module, batch: dict) -> PredictiveOutput:
+        return PredictiveOutput(m(**batch).logits, None, "gaussian")
+
+    curv = estimate_fisher(model, batches, shape="kfac", fisher_type="exact", predictive_fn=scaled_gaussian,
+                           progress=False)
+    x = torch.cat([b["features"][:, 0] for b in batches])
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    torch.testing.assert_close(curv.kfac["layers.0"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)
+    scale = float(model.layers[0](torch.eye(5)).norm())
+    torch.testing.assert_close(curv.kfac["layers.0"].G, torch.eye(3) / scale**2, rtol=1e-5, atol=1e-7)
+
+
 def test_single_example_categorical_kfac_is_exact() -> None:
     """With one example and one position, F = ā āᵀ ⊗ E[g gᵀ] holds for any depth."""
     torch.manual_seed(0)

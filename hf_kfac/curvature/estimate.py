@@ -1245,7 +1245,7 @@ def estimate_fisher(
                         name,
                     )
             unmasked.clear()
-            _accumulate_kfac_inputs(calls)
+            inputs_done = False  # A is added once the first backward shows which calls reach the outputs
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
                     raise ValueError(
@@ -1260,6 +1260,11 @@ def estimate_fisher(
             ):
                 if outs:
                     grads = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
+                    if not inputs_done:
+                        # a call whose output the predictions do not depend on (DoRA's weight-norm pass
+                        # lora_B(lora_A(I))) has no gradient (None): its inputs are not positions of the data
+                        _accumulate_kfac_inputs([c for c, g in zip(calls, grads) if g is not None])
+                        inputs_done = True
                     # all calls of one module at once: their per-example gradients add up before squaring
                     per_handler: dict[_Handler, tuple[list[_Call], list[Tensor]]] = {}
                     for call, g in zip(calls, grads):
@@ -1277,6 +1282,8 @@ def estimate_fisher(
                     for pname, g in zip(fallback_names, grads):
                         if g is not None:
                             est.add_squares(pname, g.float().unsqueeze(0), w)
+            if not inputs_done:  # no output vector (no counted position in this batch): as before, every call
+                _accumulate_kfac_inputs(calls)
             del out, z, outs
             calls.clear()
             cache.clear()
