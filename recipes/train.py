@@ -443,6 +443,26 @@ def _is_main() -> bool:
     return is_main_process()
 
 
+def _wait_for_everyone() -> None:
+    """A barrier across processes (none in a single process): what the main process just wrote
+    (a shared stage, progress.json) is on disk before any process reads it or goes on."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _no_accelerator() -> bool:
+    """No CUDA, MPS or XPU device: the Trainer must be told ``use_cpu``, else under ``torchrun`` each CPU
+    process trains alone (transformers' ``NOT_PARALLEL``) instead of data-parallel (Accelerate's ``MULTI_CPU``)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
 def lambda_abs(args: RecipeArguments, lam: float, n_train: int) -> float:
     return lam / max(n_train, 1) if args.lambda_relative else lam
 
@@ -491,6 +511,7 @@ def continual_config(args: RecipeArguments, method: str, lam: float, n_train: in
         hub_model_id=hub_id,
         hub_token=None,  # never stored: the token travels in HF_TOKEN (see _main), not in training_args.bin
         hub_strategy="end",
+        use_cpu=_no_accelerator(),
     )
 
 
@@ -658,8 +679,9 @@ class MethodRun:
                 row, et, tt = info["row"], info["eval_time"], info["train_time"]
                 logger.info("[%s] task %s: reusing the shared first-task model (%s)", self.tag, task.name, stage0)
             else:
-                logger.info("[%s] task %d/%d %s: training on %d examples (%g epochs, lr %g, λ=%s)", self.tag, i + 1,
-                            len(self.tasks), task.name, len(train_ds), epochs[i], lrs[i], cfg.penalty_lambda)
+                logger.info("[%s] task %d/%d %s: training on %d examples (%g epochs, lr %g, λ=%s) on %d process(es)",
+                            self.tag, i + 1, len(self.tasks), task.name, len(train_ds), epochs[i], lrs[i],
+                            cfg.penalty_lambda, cfg.world_size)
                 torch.manual_seed(args.seed + i)
                 t0 = time.perf_counter()
                 trainer.train()
@@ -668,6 +690,7 @@ class MethodRun:
                 if i == 0 and not args.prior and _is_main():
                     model.save_pretrained(stage0)
                     _write_json(stage0 / "row.json", {"row": row, "eval_time": et, "train_time": tt})
+                _wait_for_everyone()  # the next method's processes all see the shared stage, or none does
             ct = 0.0
             if self.penalty != "none":
                 t0 = time.perf_counter()
@@ -702,6 +725,7 @@ class MethodRun:
                 _write_json(self._state_path(), state)
                 if args.save_models != "all" and prev and Path(prev) != stage_dir:
                     shutil.rmtree(prev, ignore_errors=True)
+            _wait_for_everyone()
             acc = {s: [None if r is None else round(r["acc1"], 4) for r in row[s]] for s in self.splits}
             logger.info("[%s] after %s: acc@1 %s (train %.0fs, consolidate %.0fs, eval %.0fs)", self.tag, task.name,
                         acc, tt, ct, et)
@@ -713,6 +737,7 @@ class MethodRun:
             _write_json(self._state_path(), state)  # first forget the checkpoint, then remove it
             if drop:
                 shutil.rmtree(drop, ignore_errors=True)
+        _wait_for_everyone()
         return state
 
     def _checkpoint_problem(self, state: dict[str, Any]) -> str | None:

@@ -309,3 +309,22 @@ def test_other_options_or_a_lost_checkpoint_start_the_method_over(
         res = recipe.main(argv)["methods"]["kfac"]
     assert "task1-drugs of task 2, but that folder does not exist" in caplog.text and "starts over" in caplog.text
     assert res["row_task"] == ["diseases", "drugs", "phenotypes"] and res["R"] == uninterrupted["R"]
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_data_parallel_under_torchrun_on_cpu(tmp_path: Path) -> None:
+    """Two CPU processes train one model together (Accelerate's MULTI_CPU, not two copies racing to save
+    the same folders) and agree on every shared stage and progress file."""
+    from test_distributed_fisher import torchrun
+
+    out = tmp_path / "ddp"
+    proc = torchrun(ROOT / "recipes" / "train.py", "--config", TINY, "--methods", "finetune,kfac", "--output_dir",
+                    str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "on 2 process(es)" in proc.stderr and "on 1 process(es)" not in proc.stderr
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(data["methods"]) == {"finetune", "kfac"}
+    for m in data["methods"].values():
+        assert len(m["R"]) == 3 and all(x is not None for x in m["R"][2])
+    for m in ("finetune", "kfac"):
+        assert json.loads((out / "runs" / m / "progress.json").read_text(encoding="utf-8"))["complete"]
