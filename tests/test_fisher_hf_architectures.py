@@ -354,3 +354,63 @@ def test_multiple_choice_kfac_does_not_depend_on_padding(approx: str) -> None:
             r = getattr(ref.kfac[name], factor)  # key's reduced G is 0 up to rounding (softmax shift invariance)
             torch.testing.assert_close(getattr(block, factor), r, rtol=1e-4,
                                        atol=max(1e-6 * float(r.abs().max()), 1e-20), msg=f"{name}.{factor}")
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_opt_kfac_of_a_padded_batch_equals_kfac_of_each_example_alone(approx: str, caplog) -> None:
+    """OPT feeds its MLP (fc1, fc2) the positions flattened to (N·T, D) rows: they take the batch's mask
+    too, read as N examples of T positions (so `reduce` averages per example), and the diagonal keeps
+    its fast per-example rule there."""
+    torch.manual_seed(0)
+    model = _opt()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50, (3, 6), generator=g)
+    am = torch.ones_like(ids)
+    lens = [6, 4, 5]
+    for i, n in enumerate(lens):
+        am[i, n:] = 0
+        ids[i, n:] = 1
+    labels = ids.masked_fill(am == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": am, "labels": labels}
+    alone = [{k: v[i:i + 1, :lens[i]] for k, v in batch.items()} for i in range(3)]
+    with caplog.at_level(logging.WARNING):
+        padded = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", kfac_approx=approx,
+                                 progress=False)
+    ref = estimate_fisher(model, alone, shape="kfac", fisher_type="empirical", kfac_approx=approx, progress=False)
+    assert "model.decoder.layers.0.fc1" in padded.kfac and ROWS_MSG not in caplog.text
+    for name, block in padded.kfac.items():
+        for factor in ("A", "G"):
+            r = getattr(ref.kfac[name], factor)
+            torch.testing.assert_close(getattr(block, factor), r, rtol=1e-4,
+                                       atol=max(1e-6 * float(r.abs().max()), 1e-20), msg=f"{name}.{factor}")
+
+
+class _SeqFirstMLP(nn.Module):
+    """Flattens its (N, T, D) input position-major, (T·N, D), before a Linear: rows of one example are not
+    contiguous, so they cannot be read as N blocks of T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4)
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> SimpleNamespace:
+        h = self.emb(input_ids)
+        n, t, d = h.shape
+        rows = self.lin(h.transpose(0, 1).reshape(t * n, d)).reshape(t, n, d).transpose(0, 1)
+        return SimpleNamespace(logits=self.head(rows.mean(1)))
+
+
+def test_flattened_rows_out_of_example_order_keep_kfac_per_row_and_an_exact_diagonal(caplog) -> None:
+    torch.manual_seed(0)
+    model = _SeqFirstMLP().eval()
+    ids = torch.randint(0, 20, (4, 3), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 1])}
+    with caplog.at_level(logging.WARNING):
+        kfac = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", progress=False)
+    assert "flattened (N·T, D) rows that are not the examples' positions in order" in caplog.text
+    x = model.emb(ids).detach().reshape(-1, 4)
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    torch.testing.assert_close(kfac.kfac["lin"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)  # every row one position
+    _exact_path_matches_brute_force(model, [batch], "diag", ("lin.weight", "lin.bias"), caplog)

@@ -28,8 +28,8 @@ class FisherConfig:
         force_diag: fnmatch patterns of ``nn.Linear`` modules (or modules holding them) given a
             diagonal Fisher.
         max_factor_ratio: A Linear whose factors hold more than this many times the
-            numbers of its weight, ((d_in+1)² + d_out²) / (d_out·(d_in+1)), gets a
-            diagonal Fisher instead (a 20k-class head would need a 20k² G).
+            numbers of its weight, (d̃² + d_out²) / (d_out·d̃) with d̃ = d_in + 1 if it has a
+            bias else d_in, gets a diagonal Fisher instead (a 20k-class head would need a 20k² G).
         max_batches: Stop after this many batches (``None``: the whole dataloader).
         seed: Seed of the label sampler for ``mc``, offset by the process rank.
     """

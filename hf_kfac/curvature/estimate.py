@@ -458,6 +458,7 @@ class _Estimator:
         self.acc = _Accum()
         self._shared: set[str] = set()  # held by more than one module
         self._summed: set[str] = set()  # accumulated by more than one handler: summed before squaring
+        self.unflattened: set[str] = set()  # K-FAC modules whose (N·T, D) rows are not example-major positions
         self._plan()
 
     # ----------------------------------------------------------------- planning
@@ -608,7 +609,21 @@ class _Estimator:
                 n_calls[p] = n_calls.get(p, 0) + 1
             if _stock_forward_type(call.handler.module) is None and not self._stock_call(call, uses):
                 custom.add(call.handler.name)
-        unbatched |= self._cross_example_calls(z, [c for c in calls if c.handler.name not in unbatched])
+        found = self._cross_example_calls(z, [c for c in calls if c.handler.name not in unbatched])
+        rows_mixed = {m for m in found if isinstance(self.handlers[m], _KFACLinear)}
+        unbatched |= found - rows_mixed
+        if rows_mixed:
+            # K-FAC of a layer whose flattened rows are not the examples' positions in order: each row
+            # is one position, as before masks were matched to flattened rows (no per-example reduce)
+            self.unflattened |= rows_mixed
+            for c in calls:
+                if c.handler.name in rows_mixed and c.mask.numel() == c.inp.shape[0]:
+                    c.mask = torch.ones(c.inp.shape[0], 1, dtype=torch.bool, device=c.mask.device)
+            logger.warning(
+                "K-FAC module(s) %s run on flattened (N·T, D) rows that are not the examples' positions in order; "
+                "each row counts as one position, every row kept (no padding mask) and none grouped per example.",
+                ", ".join(sorted(rows_mixed)[:5]),
+            )
         moved = sorted(p for p, u in uses.items() if len(u) > n_calls.get(p, 0))
         if moved:
             self.move_to_fallback(set(moved), "weight read outside the module's forward call")
@@ -642,7 +657,8 @@ class _Estimator:
 
     @staticmethod
     def _cross_example_calls(z: Tensor, calls: list[_Call]) -> set[str]:
-        """Diagonal handlers with an output row r ≠ 0 that example 0's outputs depend on.
+        """Diagonal handlers (and any handler run on flattened (N·T, D) rows) with an output row
+        outside example 0's that example 0's outputs depend on.
 
         A call whose rows are the examples has ∂⟨v, z_0⟩/∂s_r = 0 for every r ≠ 0. Rows that are
         not the examples but happen to number N (a (T, T) relative-position grid when T = N, rows
@@ -650,8 +666,9 @@ class _Estimator:
         per-example gradients. One extra backward pass, on the first batch only.
         """
         n = z.shape[0]
-        calls = [c for c in calls if c.mask.shape[0] == n and c.out.dim() > 0 and c.out.shape[0] == n
-                 and not isinstance(c.handler, _KFACLinear)]
+        calls = [c for c in calls if c.mask.shape[0] == n and c.out.dim() > 0
+                 and (c.out.shape[0] == n and not isinstance(c.handler, _KFACLinear)
+                      or c.out.shape[0] == c.mask.numel() != n)]  # rows flattened to (N·T, D): K-FAC too
         if n < 2 or not calls or z.grad_fn is None:
             return set()
         v = torch.zeros_like(z)
@@ -980,11 +997,20 @@ def _take_rows(batch: Any, k: int) -> Any:
     return take(batch)
 
 
-def _mask_for(x: Tensor, masks: list[Tensor], is_index_input: bool) -> Tensor | None:
-    """The (N, P) mask of a module input ``x``, or None if no mask fits its positions."""
+def _mask_for(x: Tensor, masks: list[Tensor], is_index_input: bool, n_batch: int | None = None) -> Tensor | None:
+    """The (N, P) mask of a module input ``x``, or None if no mask fits its positions.
+
+    An input whose positions were flattened into its rows, (N·T, D) as OPT feeds its MLP, gets the
+    batch's (N, T) mask: its rows are then read as N examples of T positions each (example-major,
+    as ``reshape(-1, D)`` of a batch-first tensor; the first batch checks that order).
+    """
     n = x.shape[0]
     mid = tuple(x.shape[1:]) if is_index_input else tuple(x.shape[1:-1])
     if len(mid) == 0:
+        if n_batch and n != n_batch:
+            for m in masks:
+                if m.dim() == 2 and m.shape[0] == n_batch and m.numel() == n:
+                    return m.to(x.device)
         return torch.ones(n, 1, dtype=torch.bool, device=x.device)
     for m in masks:
         if m.shape == (n,) + mid:
@@ -1105,7 +1131,7 @@ def estimate_fisher(
             x = x.expand((batch_n[0],) + tuple(x.shape[1:]))
             output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:])).clone()
             broadcast.add(handler.name)
-        mask = _mask_for(x, masks[side], is_index)
+        mask = _mask_for(x, masks[side], is_index, None if handler.name in est.unflattened else batch_n[0])
         if mask is None:
             mid = x.shape[1:] if is_index else x.shape[1:-1]
             n = x.shape[0]
