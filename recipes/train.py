@@ -377,12 +377,31 @@ def _pooled(model: Any, tokenizer: Any, texts: list[str], args: RecipeArguments)
 
 
 # ------------------------------------------------------------------ one method's run
+def _num_processes() -> int:
+    """Processes training together (``--batch_size`` is per process: the effective batch is their product).
+
+    From the launcher's ``WORLD_SIZE`` (torchrun, accelerate launch), known before the process group
+    is set up (the Trainer's arguments do that)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _data_model_keys(a: RecipeArguments) -> dict[str, Any]:
-    """The options every fingerprint shares: data subset, model, seed and training set-up."""
-    return dict(model=a.model, encoder=a.encoder, n_concepts=a.n_concepts, max_train=a.max_train,
+    """The options every fingerprint shares: data subset, model, seed and training set-up. The process
+    count enters only when it is not 1 (runs made before it was recorded were single-process)."""
+    keys = dict(model=a.model, encoder=a.encoder, n_concepts=a.n_concepts, max_train=a.max_train,
                 max_eval=a.max_eval, subset_seed=a.subset_seed, require=a.require_eval_concepts, seed=a.seed,
                 bs=a.batch_size, warmup=a.warmup, max_length=a.max_length, freeze=a.freeze_word_embeddings,
                 head_init=a.head_init, temperature=a.temperature, pairs=a.pairs_per_string)
+    if _num_processes() != 1:
+        keys["processes"] = _num_processes()
+    return keys
 
 
 def data_options(a: RecipeArguments, tasks: list[Any]) -> dict[str, Any]:
@@ -401,6 +420,7 @@ def recorded_config(a: RecipeArguments, splits: list[str] | None = None) -> dict
     cfg = {k: v for k, v in asdict(a).items() if k not in _UNRECORDED}
     if splits is not None:
         cfg["eval_splits"] = ",".join(splits)
+    cfg["num_processes"] = _num_processes()  # batch_size is per process
     return _clean(cfg)
 
 
@@ -450,6 +470,24 @@ def _wait_for_everyone() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _save_shared_stage(model: Any, stage0: Path, row: dict[str, Any]) -> None:
+    """Write the shared first-task stage (model + row.json) into a private folder, then rename it into place.
+
+    Sessions sharing an output dir (a λ grid split over sessions) may finish the same first task at
+    once: the first rename wins and the other session's copy (the same model) is dropped. A stage
+    left without row.json by a killed run of an older recipe is replaced."""
+    tmp = stage0.parent / f".{stage0.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    _write_json(tmp / "row.json", row)
+    if stage0.is_dir() and not (stage0 / "row.json").is_file():
+        shutil.rmtree(stage0, ignore_errors=True)
+    try:
+        os.rename(tmp, stage0)
+    except OSError:  # another session put its stage in place first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _no_accelerator() -> bool:
@@ -688,8 +726,7 @@ class MethodRun:
                 tt = time.perf_counter() - t0
                 row, et = self.evaluate_all(model, tokenizer)
                 if i == 0 and not args.prior and _is_main():
-                    model.save_pretrained(stage0)
-                    _write_json(stage0 / "row.json", {"row": row, "eval_time": et, "train_time": tt})
+                    _save_shared_stage(model, stage0, {"row": row, "eval_time": et, "train_time": tt})
                 _wait_for_everyone()  # the next method's processes all see the shared stage, or none does
             ct = 0.0
             if self.penalty != "none":
@@ -1158,7 +1195,8 @@ def select_lambda(method: str, states: dict[float, dict[str, Any]], run_root: Pa
     chosen = dict(states[best])
     chosen["lambda_selection"] = {f"{k:g}": _clean(v) for k, v in sorted(scores.items())}
     chosen["run_dir"] = str(run_root / f"lambda-{best:g}")
-    _write_json(run_root / "selected.json", chosen)
+    if _is_main():
+        _write_json(run_root / "selected.json", chosen)
     logger.info("[%s] λ on dev: %s -> %g", method, chosen["lambda_selection"], best)
     return chosen
 
@@ -1258,9 +1296,11 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
                                 item_seed=args.subset_seed, n_boot=100, batch_size=args.eval_batch_size)["dev"]
             took = time.perf_counter() - t0
             logger.info("[budget] %s epochs=%g lr=%g: dev acc@1 %.4f (%.0fs)", task.name, ep, lr, res.acc1, took)
-            model.save_pretrained(pdir / "model")
-            _write_json(done, {"epochs": ep, "learning_rate": lr, "dev_acc1": res.acc1, "seconds": round(took, 1),
-                               "worker": worker, "key": key})
+            if _is_main():  # the processes of one (data-parallel) worker hold the same model
+                model.save_pretrained(pdir / "model")
+                _write_json(done, {"epochs": ep, "learning_rate": lr, "dev_acc1": res.acc1, "seconds": round(took, 1),
+                                   "worker": worker, "key": key})
+            _wait_for_everyone()
         _wait_for([d / "result.json" for d in pdirs], task.name)
         results = [json.loads((d / "result.json").read_text(encoding="utf-8")) for d in pdirs]
         best = max(range(len(points)), key=lambda p: (results[p]["dev_acc1"], -p))
@@ -1269,12 +1309,14 @@ def tune_budget(args: RecipeArguments, tasks: list[Any], out_dir: Path) -> dict[
         history.append((ep, lr))
         chosen[task.name] = {"epochs": ep, "learning_rate": lr, "dev_acc1": results[best]["dev_acc1"],
                              "grid": {d.name: r["dev_acc1"] for d, r in zip(pdirs, results)}}
-    shutil.rmtree(out_dir / f"budget-tmp-{worker}", ignore_errors=True)
+    _wait_for_everyone()
     result = {"budget": chosen, "epochs": ",".join(f"{v['epochs']:g}" for v in chosen.values()),
               "learning_rate": ",".join(f"{v['learning_rate']:g}" for v in chosen.values())}
-    if worker == 0:
-        _write_json(out_dir / "budget.json", result)
-    print(f"epochs: \"{result['epochs']}\"\nlearning_rate: \"{result['learning_rate']}\"")
+    if _is_main():
+        shutil.rmtree(out_dir / f"budget-tmp-{worker}", ignore_errors=True)
+        if worker == 0:
+            _write_json(out_dir / "budget.json", result)
+        print(f"epochs: \"{result['epochs']}\"\nlearning_rate: \"{result['learning_rate']}\"")
     return result
 
 
@@ -1339,9 +1381,11 @@ def check_eval_items(args: RecipeArguments, tasks: list[Any], splits: list[str])
 def _main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     use_hub_token(args)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+    # progress is logged by the main process; the others say only what goes wrong
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("hf_kfac.recipe").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("hf_kfac.recipe").setLevel(logging.WARNING if quiet else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.num_threads:
         import torch
@@ -1392,10 +1436,15 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         per_lam = {lam: MethodRun(args, m, lam, tasks, root / f"lambda-{lam:g}", splits, shared).run() for lam in grids[m]}
         per_lam.update(finished_grid_runs(args, m, tasks, root, splits, shared, skip=set(per_lam)))
         states[m] = select_lambda(m, per_lam, root)
-    results = summarize(args, states, out_dir, {"wall_time_s": round(time.perf_counter() - t_start, 1)})
-    if args.save_models == "none":
+    # the main process writes the results; the others return what it wrote
+    results = summarize(args, states, out_dir, {"wall_time_s": round(time.perf_counter() - t_start, 1)}) \
+        if _is_main() else None
+    _wait_for_everyone()
+    if results is None:
+        results = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    if args.save_models == "none" and _is_main():
         shutil.rmtree(shared, ignore_errors=True)
-    if not args.quiet:
+    if not args.quiet and _is_main():
         print((out_dir / "results.md").read_text(encoding="utf-8"))
     return results
 

@@ -626,3 +626,20 @@ def test_reduction_ci_is_kept_and_its_dropped_draws_counted_when_they_are_few() 
     many, meth_many = _one_forgetting_task(n, forgotten=40)
     full = bootstrap_sequence_metrics(meth_many, many, n_boot=500, seed=0)
     assert full["reduction_ci_dropped"] == 0.0 and full["reduction_ci"] == [1.0, 1.0]
+
+
+def test_a_save_removes_a_stale_temporary_encoder_folder_but_not_one_in_progress(tmp_path: Path) -> None:
+    """A killed save leaves its temporary encoder folder; another process's save in progress has a fresh one,
+    which must survive (two processes or sessions saving into one folder, as a split λ grid's shared stage)."""
+    import os
+    import time
+
+    stale, live = tmp_path / ".hf_kfac-encoder-killed", tmp_path / ".hf_kfac-encoder-live"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "config.json").write_text("{}", encoding="utf-8")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    _classifier().save_pretrained(tmp_path)
+    assert not stale.exists() and (live / "config.json").is_file()
+    assert ELClassifier.from_pretrained(tmp_path).task_names == _classifier().task_names

@@ -327,4 +327,20 @@ def test_the_recipe_runs_data_parallel_under_torchrun_on_cpu(tmp_path: Path) -> 
     for m in data["methods"].values():
         assert len(m["R"]) == 3 and all(x is not None for x in m["R"][2])
     for m in ("finetune", "kfac"):
-        assert json.loads((out / "runs" / m / "progress.json").read_text(encoding="utf-8"))["complete"]
+        progress = json.loads((out / "runs" / m / "progress.json").read_text(encoding="utf-8"))
+        assert progress["complete"] and progress["config"]["num_processes"] == 2
+        assert progress["data_options"]["processes"] == 2  # batch_size is per process: the runs pair only alike
+    assert data["config"]["num_processes"] == 2
+
+    # one process into the same folder: the two-process runs (effective batch 2x) are not taken as its own
+    recipe.main(["--config", TINY, "--methods", "finetune", "--output_dir", str(out), "--quiet"])
+    progress = json.loads((out / "runs" / "finetune" / "progress.json").read_text(encoding="utf-8"))
+    assert progress["config"]["num_processes"] == 1 and "processes" not in progress["data_options"]
+
+    # the budget search: each grid point is saved once, by the main process, and read by both
+    budget = tmp_path / "budget"
+    proc = torchrun(ROOT / "recipes" / "train.py", "--config", TINY, "--tasks", "A,B", "--tune_budget", "epochs=1,2",
+                    "--output_dir", str(budget), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    chosen = json.loads((budget / "budget.json").read_text(encoding="utf-8"))["budget"]
+    assert set(chosen) == {"diseases", "drugs"} and all(len(c["grid"]) == 2 for c in chosen.values())

@@ -50,12 +50,14 @@ the re-loaded one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +206,7 @@ _WEIGHT_ENTRIES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 _SHARD_NAME = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
 _ENCODER_TMP_PREFIX = ".hf_kfac-encoder-"
+_STALE_TMP_SECONDS = 3600.0  # a temporary encoder folder this old was left by a killed save
 
 
 def _is_weight_file(name: str) -> bool:
@@ -369,8 +372,11 @@ class _ELModel(PreTrainedModel):
         written to a temporary folder inside ``folder`` (so its files are exactly this save's), moved in
         file by file (renames), and the weight files not among them are deleted."""
         folder.mkdir(parents=True, exist_ok=True)
-        for left in folder.glob(_ENCODER_TMP_PREFIX + "*"):  # left by a save that was killed midway
-            shutil.rmtree(left, ignore_errors=True)
+        for left in folder.glob(_ENCODER_TMP_PREFIX + "*"):
+            # left by a save killed midway; a recent one may be another process's save in progress
+            with contextlib.suppress(OSError):
+                if time.time() - left.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(left, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=_ENCODER_TMP_PREFIX) as tmp:
             self.encoder.save_pretrained(tmp, state_dict=state_dict, is_main_process=True, **encoder_kwargs)
             # shards before their index: the index never names a file not yet in place
