@@ -85,6 +85,38 @@ def test_a_broadcast_call_whose_expansion_changes_the_predictions_goes_to_the_ex
     assert "proj" not in curv.kfac
 
 
+@pytest.mark.parametrize("shape", ["diag", "kfac"])
+def test_a_first_batch_of_one_example_still_checks_the_broadcast_expansion(shape: str, caplog) -> None:
+    """One example shows nothing broadcast; the check runs on it twice, so the later batches of five are
+    not expanded unchecked (which counted `proj` five times over)."""
+    torch.manual_seed(0)
+    model = _SummedBroadcast()
+    g = torch.Generator().manual_seed(1)
+    batches = [{"x": torch.randn(n, 4, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)} for n in (1, 5)]
+    curv, log = _exact_path_matches_brute_force(model, batches, shape, ("proj.weight", "proj.bias"), caplog)
+    assert BROADCAST_MSG in log
+    if shape == "diag":
+        ref = brute_force_diag(model, batches, "empirical")
+        torch.testing.assert_close(curv.diag["head.bias"], ref["head.bias"], rtol=1e-4, atol=1e-8)
+
+
+def test_deberta_v3_batches_of_one_whose_first_length_is_twice_the_buckets_run_and_match_brute_force() -> None:
+    """DeBERTa-v3 normalises its (2k, D) relative embeddings (no batch dimension): a first example of
+    length 2k looks like one example's positions, which only a batch of two can tell apart."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=60, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_labels=3,
+        relative_attention=True, position_buckets=4, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        share_att_key=True, norm_rel_ebd="layer_norm", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(4, 60, (1, t), generator=g), "attention_mask": torch.ones(1, t, dtype=torch.long),
+                "labels": torch.tensor([1])} for t in (8, 6)]
+    curv = estimate_fisher(model, batches, shape="diag", fisher_type="empirical", progress=False)
+    _assert_matches_brute_force(curv, brute_force_diag(model, batches, "empirical"))
+
+
 def _deberta_v2(share_att_key: bool) -> nn.Module:
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 

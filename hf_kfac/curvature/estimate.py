@@ -983,6 +983,20 @@ def _real_rows(dataloader: Any, n: int) -> int:
     return max(0, min(n, remainder - get_rank() * n))
 
 
+def _repeat_rows(batch: Any, times: int) -> Any:
+    """The batch with every tensor whose leading size is the batch's (1) repeated ``times`` times."""
+    n = _batch_size(batch)
+
+    def rep(v: Any) -> Any:
+        return torch.cat([v] * times) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v
+
+    if isinstance(batch, Mapping):
+        return {key: rep(v) for key, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(rep(v) for v in batch)
+    return rep(batch)
+
+
 def _take_rows(batch: Any, k: int) -> Any:
     """The first ``k`` examples of a batch (every tensor whose leading size is the batch's)."""
     n = _batch_size(batch)
@@ -1254,6 +1268,21 @@ def estimate_fisher(
                 continue
             if real < _batch_size(batch):
                 batch = _take_rows(batch, real)
+            if first and _batch_size(batch) == 1:
+                # The plan's checks compare examples (a broadcast call expanded per example, rows that
+                # are not the examples): one example cannot show them. They run on the example twice,
+                # whose statistics are dropped; the batch itself then runs with the final plan.
+                probe = _repeat_rows(batch, 2)
+                masks[:] = _position_masks(probe, stacks is not None)
+                batch_n[0] = 2
+                _, z_probe, _, _ = first_forward(probe)
+                est.check_uses(z_probe, calls)
+                del z_probe
+                calls.clear()
+                cache.clear()
+                first = False
+                fallback = list(est.fallback_params.values())
+                fallback_names = list(est.fallback_params)
             masks[:] = _position_masks(batch, stacks is not None)
             batch_n[0] = _batch_size(batch)
             out, z, labels, mask = first_forward(batch) if first else forward(batch)
