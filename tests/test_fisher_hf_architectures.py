@@ -441,8 +441,112 @@ def test_flattened_rows_out_of_example_order_keep_kfac_per_row_and_an_exact_diag
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 1])}
     with caplog.at_level(logging.WARNING):
         kfac = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", progress=False)
-    assert "flattened (N·T, D) rows that are not the examples' positions in order" in caplog.text
+    assert "run on rows that are not the batch's examples" in caplog.text and "lin" in caplog.text
     x = model.emb(ids).detach().reshape(-1, 4)
     a = torch.cat([x, torch.ones(len(x), 1)], 1)
     torch.testing.assert_close(kfac.kfac["lin"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)  # every row one position
     _exact_path_matches_brute_force(model, [batch], "diag", ("lin.weight", "lin.bias"), caplog)
+
+
+class _SeqFirstLinear(_SeqFirstMLP):
+    """Runs its Linear on the sequence-first (T, N, D) view, as Longformer does its q/k/v."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> SimpleNamespace:
+        h = self.emb(input_ids)
+        rows = self.lin(h.transpose(0, 1)).transpose(0, 1)
+        return SimpleNamespace(logits=self.head(rows.mean(1)))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("n,t", [(4, 4), (3, 5)], ids=["T-equals-N", "T-not-N"])
+def test_a_sequence_first_input_is_never_read_as_examples(n: int, t: int, approx: str, caplog) -> None:
+    """Rows of a (T, N, D) input are positions of every example: with T = N the (N, T) mask fits by shape
+    (and would be applied transposed), and `reduce` would average over the examples. Each of the N·T
+    positions counts on its own instead, with a warning."""
+    torch.manual_seed(0)
+    model = _SeqFirstLinear().eval()
+    ids = torch.randint(0, 20, (n, t), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, t - 1:] = 0  # a mask that must not be applied to the rows
+    batch = {"input_ids": ids, "attention_mask": am, "labels": torch.arange(n) % 3}
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", kfac_approx=approx,
+                               progress=False)
+    # expand with T ≠ N groups nothing anyway: the mask that fits no call is reported, and every position counts
+    assert "run on rows that are not the batch's examples" in caplog.text or (
+        approx == "expand" and n != t and "every position counts" in caplog.text)
+    x = model.emb(ids).detach().reshape(-1, 4)
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    torch.testing.assert_close(curv.kfac["lin"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)
+
+
+class _UnpaddedLinear(_SeqFirstMLP):
+    """Gathers the valid tokens into (total_tokens, D) before its Linear (unpadded attention does)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> SimpleNamespace:
+        h = self.emb(input_ids)
+        keep = attention_mask.bool()
+        out = torch.zeros(h.shape[:-1] + (4,), dtype=h.dtype)
+        out[keep] = self.lin(h[keep])
+        pooled = out.sum(1) / keep.sum(1, keepdim=True)
+        return SimpleNamespace(logits=self.head(pooled))
+
+
+def test_reduce_on_tokens_gathered_without_padding_says_it_counts_each_row(caplog) -> None:
+    torch.manual_seed(0)
+    model = _UnpaddedLinear().eval()
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[0, 3:] = 0
+    am[2, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([0, 1, 2])}
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", kfac_approx="reduce",
+                               progress=False)
+    assert "`reduce`: module(s) lin run on rows that are not grouped by example" in caplog.text
+    x = model.emb(ids).detach()[am.bool()]
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    torch.testing.assert_close(curv.kfac["lin"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)
+
+
+class _PadsToBlocks(_SeqFirstMLP):
+    """Pads its input on the right to a multiple of 4 positions (block-sparse attention, Longformer's window),
+    or with ``prepend`` puts 2 learned-free tokens in front (prompt tuning): its layers see T' > T positions."""
+
+    def __init__(self, prepend: bool = False) -> None:
+        super().__init__()
+        self.prepend = prepend
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None) -> SimpleNamespace:
+        n, t = input_ids.shape
+        extra = 2 if self.prepend else (-t) % 4
+        pad_ids = torch.zeros(n, extra, dtype=input_ids.dtype)
+        pad_mask = torch.full((n, extra), self.prepend, dtype=attention_mask.dtype)
+        ids = torch.cat([pad_ids, input_ids], 1) if self.prepend else torch.cat([input_ids, pad_ids], 1)
+        am = torch.cat([pad_mask, attention_mask], 1) if self.prepend else torch.cat([attention_mask, pad_mask], 1)
+        h = self.lin(self.emb(ids)) * am.unsqueeze(-1)
+        return SimpleNamespace(logits=self.head(h.sum(1) / am.sum(1, keepdim=True)))
+
+
+@pytest.mark.parametrize("prepend", [False, True], ids=["padded-on-the-right", "tokens-prepended"])
+def test_a_model_that_pads_internally_keeps_the_padding_mask(prepend: bool, caplog) -> None:
+    """Right padding to T' > T: the (N, T) mask is extended with False (the extra positions feed nothing).
+    Positions added in front would shift the mask: the first batch sees their gradient and counts every
+    position instead, with a warning."""
+    torch.manual_seed(0)
+    model = _PadsToBlocks(prepend).eval()
+    ids = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[0, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([0, 1, 2])}
+    with caplog.at_level(logging.WARNING):
+        curv = estimate_fisher(model, [batch], shape="kfac", fisher_type="empirical", progress=False)
+    x = model.emb(ids).detach()
+    if prepend:
+        assert "extra ones feed the outputs" in caplog.text
+        x = torch.cat([model.emb(torch.zeros(3, 2, dtype=ids.dtype)).detach(), x], 1).reshape(-1, 4)
+    else:
+        assert "No attention mask" not in caplog.text
+        x = x[am.bool()]
+    a = torch.cat([x, torch.ones(len(x), 1)], 1)
+    torch.testing.assert_close(curv.kfac["lin"].A, a.T @ a / len(x), rtol=1e-5, atol=1e-6)

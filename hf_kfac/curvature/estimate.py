@@ -42,7 +42,11 @@ Positions where the batch's attention mask is 0 are dropped from K-FAC's A and G
 positions whose label is -100 give v = 0. The diagonal keeps any such position whose output
 gradient is non-zero (a left-padded causal LM predicts its first token from the last pad, and the
 loss counts that prediction), so it stays exact; K-FAC leaves that one prediction per example out
-of its factors. A multiple-choice (N, C, T) mask is flattened to the (N·C, T) the encoder runs on.
+of its factors. A multiple-choice (N, C, T) mask is flattened to the (N·C, T) the encoder runs on;
+(N·T, D) rows take the (N, T) mask; a call on T' > T positions (a model padding to a block size)
+takes it right-padded with False, once the first batch shows the extra positions feed nothing. A
+K-FAC call whose rows are not the examples (sequence-first) counts each position on its own.
+The checks compare examples, so a first batch of one example runs them on that example twice.
 In an encoder-decoder model, calls inside the decoder (and after it: the LM head) take the
 decoder's mask (``decoder_attention_mask``, or without one the positions up to the last label
 that is not -100), the rest, and the cross-attention keys/values that read the encoder's hidden
@@ -110,6 +114,7 @@ class _Call:
     out: Tensor
     mask: Tensor  # (N, P) bool over the call's positions
     version: int = 0  # out._version when the module returned it: a later in-place op changes it
+    extended_from: int = 0  # > 0: the batch's (N, T) mask right-padded with False to the call's T' > T positions
 
 
 class _Handler:
@@ -458,7 +463,8 @@ class _Estimator:
         self.acc = _Accum()
         self._shared: set[str] = set()  # held by more than one module
         self._summed: set[str] = set()  # accumulated by more than one handler: summed before squaring
-        self.unflattened: set[str] = set()  # K-FAC modules whose (N·T, D) rows are not example-major positions
+        self.per_row: set[str] = set()  # K-FAC modules whose rows are not the examples: each row is one position
+        self.no_extend: set[str] = set()  # modules whose extra positions (T' > T) feed the outputs: no mask
         self._plan()
 
     # ----------------------------------------------------------------- planning
@@ -612,16 +618,31 @@ class _Estimator:
         found = self._cross_example_calls(z, [c for c in calls if c.handler.name not in unbatched])
         rows_mixed = {m for m in found if isinstance(self.handlers[m], _KFACLinear)}
         unbatched |= found - rows_mixed
-        if rows_mixed:
-            # K-FAC of a layer whose flattened rows are not the examples' positions in order: each row
-            # is one position, as before masks were matched to flattened rows (no per-example reduce)
-            self.unflattened |= rows_mixed
-            for c in calls:
-                if c.handler.name in rows_mixed and c.mask.numel() == c.inp.shape[0]:
-                    c.mask = torch.ones(c.inp.shape[0], 1, dtype=torch.bool, device=c.mask.device)
+        # reduce groups a call's positions per row: rows that cannot be told to belong to single
+        # examples (their count is no multiple of N) are not grouped
+        rows_mixed |= {c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
+                       and c.handler.approx == KFACApprox.REDUCE and c.out.dim() > 0
+                       and c.out.shape[0] % z.shape[0] != 0 and c.mask.shape[1] > 1}
+        ungrouped = sorted({c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
+                            and c.handler.approx == KFACApprox.REDUCE and c.mask.shape[0] != z.shape[0]
+                            and c.mask.shape[1] == 1 and c.handler.name not in rows_mixed})
+        if ungrouped:
             logger.warning(
-                "K-FAC module(s) %s run on flattened (N·T, D) rows that are not the examples' positions in order; "
-                "each row counts as one position, every row kept (no padding mask) and none grouped per example.",
+                "K-FAC `reduce`: module(s) %s run on rows that are not grouped by example (tokens gathered without "
+                "padding, a tensor with no batch dimension); each row counts on its own there, as in `expand`.",
+                ", ".join(ungrouped[:5]),
+            )
+        if rows_mixed:
+            # K-FAC of a layer whose rows are not the examples (a seq-first (T, N, D) input, flattened
+            # positions out of order): each row is one position, with no padding mask
+            self.per_row |= rows_mixed
+            for c in calls:
+                if c.handler.name in rows_mixed:
+                    c.mask = torch.ones(c.mask.numel(), 1, dtype=torch.bool, device=c.mask.device)
+            logger.warning(
+                "K-FAC module(s) %s run on rows that are not the batch's examples (a sequence-first (T, N, D) "
+                "input, flattened positions out of order): each of their positions counts on its own, none is "
+                "grouped per example (so `reduce` acts as `expand` there) and padding is not masked.",
                 ", ".join(sorted(rows_mixed)[:5]),
             )
         moved = sorted(p for p, u in uses.items() if len(u) > n_calls.get(p, 0))
@@ -657,18 +678,21 @@ class _Estimator:
 
     @staticmethod
     def _cross_example_calls(z: Tensor, calls: list[_Call]) -> set[str]:
-        """Diagonal handlers (and any handler run on flattened (N·T, D) rows) with an output row
-        outside example 0's that example 0's outputs depend on.
+        """Handlers with an output row outside example 0's that example 0's outputs depend on.
 
-        A call whose rows are the examples has ∂⟨v, z_0⟩/∂s_r = 0 for every r ≠ 0. Rows that are
-        not the examples but happen to number N (a (T, T) relative-position grid when T = N, rows
-        the model permutes or mixes) fail that, and their per-row products would be wrong
-        per-example gradients. One extra backward pass, on the first batch only.
+        A call whose R = k·N rows belong to the examples in order (k = 1; k = C choices of multiple
+        choice; k = T positions flattened to (N·T, D)) has ∂⟨v, z_0⟩/∂s_r = 0 for every row r ≥ k.
+        Rows that are not the examples but happen to number k·N (a (T, T) relative-position grid
+        when T = N, rows the model permutes or mixes, a sequence-first (T, N, D) input) fail that;
+        per-row products would then be wrong per-example gradients (diagonal) or wrong groups
+        (K-FAC ``reduce``). One extra backward pass, on the first batch only. A diagonal handler is
+        checked when its rows are the examples or their flattened positions (other counts are
+        handed over anyway), a K-FAC one whenever its rows are a multiple of N.
         """
         n = z.shape[0]
-        calls = [c for c in calls if c.mask.shape[0] == n and c.out.dim() > 0
-                 and (c.out.shape[0] == n and not isinstance(c.handler, _KFACLinear)
-                      or c.out.shape[0] == c.mask.numel() != n)]  # rows flattened to (N·T, D): K-FAC too
+        calls = [c for c in calls if c.out.dim() > 0 and (
+            c.out.shape[0] % n == 0 if isinstance(c.handler, _KFACLinear)
+            else c.mask.shape[0] == n and c.out.shape[0] in (n, c.mask.numel()))]
         if n < 2 or not calls or z.grad_fn is None:
             return set()
         v = torch.zeros_like(z)
@@ -679,11 +703,35 @@ class _Estimator:
         for call, g in zip(calls, grads):
             if g is None:
                 continue
-            g = g.detach().float().reshape(n, -1)
-            own, rest = g[0].abs().max(), g[1:].abs().max()
+            k = call.out.shape[0] // n
+            g = g.detach().float().reshape(call.out.shape[0], -1)
+            own, rest = g[:k].abs().max(), g[k:].abs().max()
             if not bool(rest <= 1e-5 * own):  # also true for NaN
                 found.add(call.handler.name)
         return found
+
+    def check_extended(self, calls: list[_Call], grads: list[Tensor | None]) -> None:
+        """First batch: a call whose mask was right-padded (:func:`_extended_mask`) must have a zero output
+        gradient at the added positions; otherwise they are not padding, and that module counts every
+        position from then on (as before the mask was extended), with a warning."""
+        bad = set()
+        for call, g in zip(calls, grads):
+            if call.extended_from <= 0 or g is None:
+                continue
+            extra = _flatten_positions(g, call.mask.shape[0])[:, call.extended_from:]
+            if bool((extra != 0).any()):
+                bad.add(call.handler.name)
+        if not bad:
+            return
+        self.no_extend |= bad
+        for call in calls:
+            if call.handler.name in bad and call.extended_from > 0:
+                call.mask = torch.ones_like(call.mask)
+        logger.warning(
+            "Module(s) %s run on more positions than the batch's attention mask has, and the extra ones feed the "
+            "outputs (they are not padding on the right): every position of theirs counts.",
+            ", ".join(sorted(bad)[:5]),
+        )
 
     def hand_over_modules(self, modules: set[str], reason: str, why: str) -> list[str]:
         """Give every parameter of the still-handled ``modules`` to the exact path, with a warning; returns them."""
@@ -1011,6 +1059,23 @@ def _take_rows(batch: Any, k: int) -> Any:
     return take(batch)
 
 
+def _extended_mask(x: Tensor, masks: list[Tensor], is_index_input: bool) -> tuple[Tensor | None, int]:
+    """The batch's (N, T) mask right-padded with False to the call's T' > T positions, and T.
+
+    Models that pad to a multiple of a block or window (BigBird's block-sparse attention,
+    Longformer) run their layers on T' > T positions, the extra ones on the right. The first batch
+    checks that those positions feed nothing counted (:meth:`_Estimator.check_extended`).
+    """
+    n = x.shape[0]
+    mid = tuple(x.shape[1:]) if is_index_input else tuple(x.shape[1:-1])
+    if len(mid) != 1:
+        return None, 0
+    for m in masks:
+        if m.dim() == 2 and m.shape[0] == n and m.shape[1] < mid[0]:
+            return nn.functional.pad(m, (0, mid[0] - m.shape[1]), value=False).to(x.device), m.shape[1]
+    return None, 0
+
+
 def _mask_for(x: Tensor, masks: list[Tensor], is_index_input: bool, n_batch: int | None = None) -> Tensor | None:
     """The (N, P) mask of a module input ``x``, or None if no mask fits its positions.
 
@@ -1145,7 +1210,13 @@ def estimate_fisher(
             x = x.expand((batch_n[0],) + tuple(x.shape[1:]))
             output = replaced = output.expand((batch_n[0],) + tuple(output.shape[1:])).clone()
             broadcast.add(handler.name)
-        mask = _mask_for(x, masks[side], is_index, None if handler.name in est.unflattened else batch_n[0])
+        if handler.name in est.per_row:
+            mask = torch.ones(x.numel() // (1 if is_index else x.shape[-1]), 1, dtype=torch.bool, device=x.device)
+        else:
+            mask = _mask_for(x, masks[side], is_index, batch_n[0])
+        extended_from = 0
+        if mask is None and handler.name not in est.no_extend:
+            mask, extended_from = _extended_mask(x, masks[side], is_index)
         if mask is None:
             mid = x.shape[1:] if is_index else x.shape[1:-1]
             n = x.shape[0]
@@ -1153,7 +1224,7 @@ def estimate_fisher(
             if handler.name not in warned:
                 warned.add(handler.name)
                 unmasked[handler.name] = (n,) + tuple(mid)
-        call = _Call(handler, x.detach(), output, mask, output._version)
+        call = _Call(handler, x.detach(), output, mask, output._version, extended_from)
         handler.on_forward(call, cache)
         calls.append(call)
         return replaced
@@ -1259,6 +1330,7 @@ def estimate_fisher(
             else nullcontext()
         )
         first = True
+        extension_checked = False  # the first batch that reaches the backward checks right-padded masks
         for i, batch in enumerate(bar):
             if config.max_batches is not None and i >= config.max_batches:
                 break
@@ -1301,6 +1373,7 @@ def estimate_fisher(
                     )
             unmasked.clear()
             inputs_done = False  # A is added once the first backward shows which calls reach the outputs
+            check_extended = not extension_checked
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
                     raise ValueError(
@@ -1315,6 +1388,9 @@ def estimate_fisher(
             ):
                 if outs:
                     grads = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
+                    if not inputs_done and check_extended:
+                        check_extended, extension_checked = False, True
+                        est.check_extended(calls, grads)
                     if not inputs_done:
                         # a call whose output the predictions do not depend on (DoRA's weight-norm pass
                         # lora_B(lora_A(I))) has no gradient (None): its inputs are not positions of the data
