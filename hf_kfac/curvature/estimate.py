@@ -616,35 +616,8 @@ class _Estimator:
             if _stock_forward_type(call.handler.module) is None and not self._stock_call(call, uses):
                 custom.add(call.handler.name)
         found = self._cross_example_calls(z, [c for c in calls if c.handler.name not in unbatched])
-        rows_mixed = {m for m in found if isinstance(self.handlers[m], _KFACLinear)}
+        rows_mixed = self._kfac_rows(z, calls, {m for m in found if isinstance(self.handlers[m], _KFACLinear)})
         unbatched |= found - rows_mixed
-        # reduce groups a call's positions per row: rows that cannot be told to belong to single
-        # examples (their count is no multiple of N) are not grouped
-        rows_mixed |= {c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
-                       and c.handler.approx == KFACApprox.REDUCE and c.out.dim() > 0
-                       and c.out.shape[0] % z.shape[0] != 0 and c.mask.shape[1] > 1}
-        ungrouped = sorted({c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
-                            and c.handler.approx == KFACApprox.REDUCE and c.mask.shape[0] != z.shape[0]
-                            and c.mask.shape[1] == 1 and c.handler.name not in rows_mixed})
-        if ungrouped:
-            logger.warning(
-                "K-FAC `reduce`: module(s) %s run on rows that are not grouped by example (tokens gathered without "
-                "padding, a tensor with no batch dimension); each row counts on its own there, as in `expand`.",
-                ", ".join(ungrouped[:5]),
-            )
-        if rows_mixed:
-            # K-FAC of a layer whose rows are not the examples (a seq-first (T, N, D) input, flattened
-            # positions out of order): each row is one position, with no padding mask
-            self.per_row |= rows_mixed
-            for c in calls:
-                if c.handler.name in rows_mixed:
-                    c.mask = torch.ones(c.mask.numel(), 1, dtype=torch.bool, device=c.mask.device)
-            logger.warning(
-                "K-FAC module(s) %s run on rows that are not the batch's examples (a sequence-first (T, N, D) "
-                "input, flattened positions out of order): each of their positions counts on its own, none is "
-                "grouped per example (so `reduce` acts as `expand` there) and padding is not masked.",
-                ", ".join(sorted(rows_mixed)[:5]),
-            )
         moved = sorted(p for p, u in uses.items() if len(u) > n_calls.get(p, 0))
         if moved:
             self.move_to_fallback(set(moved), "weight read outside the module's forward call")
@@ -675,6 +648,39 @@ class _Estimator:
         for c in kept:
             c.handler = self.handlers[c.handler.name]
         calls[:] = kept
+
+    def _kfac_rows(self, z: Tensor, calls: list[_Call], rows_mixed: set[str]) -> set[str]:
+        """K-FAC modules whose rows are not the examples: ``rows_mixed`` (found by the cross-example check)
+        and, under ``reduce``, calls whose row count is no multiple of N. Each of their positions counts on
+        its own from now on (``per_row``), with a warning; returns them."""
+        # reduce groups a call's positions per row: rows that cannot be told to belong to single
+        # examples (their count is no multiple of N) are not grouped
+        rows_mixed |= {c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
+                       and c.handler.approx == KFACApprox.REDUCE and c.out.dim() > 0
+                       and c.out.shape[0] % z.shape[0] != 0 and c.mask.shape[1] > 1}
+        ungrouped = sorted({c.handler.name for c in calls if isinstance(c.handler, _KFACLinear)
+                            and c.handler.approx == KFACApprox.REDUCE and c.mask.shape[0] != z.shape[0]
+                            and c.mask.shape[1] == 1 and c.handler.name not in rows_mixed})
+        if ungrouped:
+            logger.warning(
+                "K-FAC `reduce`: module(s) %s run on rows that are not grouped by example (tokens gathered without "
+                "padding, a tensor with no batch dimension); each row counts on its own there, as in `expand`.",
+                ", ".join(ungrouped[:5]),
+            )
+        if rows_mixed:
+            # K-FAC of a layer whose rows are not the examples (a seq-first (T, N, D) input, flattened
+            # positions out of order): each row is one position, with no padding mask
+            self.per_row |= rows_mixed
+            for c in calls:
+                if c.handler.name in rows_mixed:
+                    c.mask = torch.ones(c.mask.numel(), 1, dtype=torch.bool, device=c.mask.device)
+            logger.warning(
+                "K-FAC module(s) %s run on rows that are not the batch's examples (a sequence-first (T, N, D) "
+                "input, flattened positions out of order): each of their positions counts on its own, none is "
+                "grouped per example (so `reduce` acts as `expand` there) and padding is not masked.",
+                ", ".join(sorted(rows_mixed)[:5]),
+            )
+        return rows_mixed
 
     @staticmethod
     def _cross_example_calls(z: Tensor, calls: list[_Call]) -> set[str]:
