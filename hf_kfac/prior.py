@@ -211,8 +211,8 @@ _UNWRAP = (
     "Pass the unwrapped model: `model._orig_mod` for torch.compile, `model.module` for DDP/DataParallel, "
     "or accelerator.unwrap_model(model)."
 )
-_WRAPPER_SEGMENTS = ("_orig_mod", "module")
-_PEFT_PREFIX = "base_model.model."  # where a PEFT model holds its base model's parameters  # what torch.compile and DDP/DataParallel put before parameter names
+_WRAPPER_SEGMENTS = ("_orig_mod", "module")  # what torch.compile and DDP/DataParallel put before parameter names
+_PEFT_PREFIX = "base_model.model."  # where a PEFT model holds its base model's parameters
 
 
 def _wrapper_of(model: nn.Module) -> str | None:

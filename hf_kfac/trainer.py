@@ -44,6 +44,7 @@ from .curvature.config import FisherConfig
 from .curvature.predictive import PredictiveFn
 from .distributed import all_reduce_sum_
 from .enums import PenaltyType, Shape
+from .modes import evaluating
 from .prior import Prior, TaskRecord
 from .serialization import PRIOR_CONFIG_NAME, restore_interrupted_save
 from .trainer_config import PENALTY_SHAPES, ContinualConfig
@@ -423,18 +424,13 @@ class ContinualTrainer(Trainer):
     def _probe_loss_normalisation(self, model: nn.Module, inputs: Mapping[str, Any], n: Any) -> int:
         """0: inconclusive, 1: the loss ignores ``num_items_in_batch``, 2: the loss is divided by it."""
         inner = self._unwrapped(model)
-        modes = {m: m.training for m in inner.modules()}
         try:
-            inner.eval()
-            with torch.no_grad():
+            with evaluating(inner), torch.no_grad():
                 l1 = _loss_of(inner(**inputs, num_items_in_batch=n))
                 l2 = _loss_of(inner(**inputs, num_items_in_batch=n * 2))
         except Exception as e:  # noqa: BLE001 - the probe must never break training
             logger.info("Could not check the loss normalisation of the model (%s); keeping the Trainer's default.", e)
             return 0
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
         if not isinstance(l1, Tensor) or not isinstance(l2, Tensor) or l1.numel() != 1 or l2.numel() != 1:
             return 0
         a, b = float(l1), float(l2)

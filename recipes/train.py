@@ -382,10 +382,10 @@ def _num_processes() -> int:
 
     From the launcher's ``WORLD_SIZE`` (torchrun, accelerate launch), known before the process group
     is set up (the Trainer's arguments do that)."""
-    import torch.distributed as dist
+    from hf_kfac.distributed import get_world_size
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
+    if get_world_size() > 1:
+        return get_world_size()
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
@@ -466,10 +466,9 @@ def _is_main() -> bool:
 def _wait_for_everyone() -> None:
     """A barrier across processes (none in a single process): what the main process just wrote
     (a shared stage, progress.json) is on disk before any process reads it or goes on."""
-    import torch.distributed as dist
+    from hf_kfac.distributed import barrier
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
 
 
 def _save_shared_stage(model: Any, stage0: Path, row: dict[str, Any]) -> None:

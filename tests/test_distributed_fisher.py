@@ -84,13 +84,16 @@ def test_an_error_on_one_process_stops_every_process() -> None:
 
 
 @pytest.mark.slow
-def test_processes_whose_plans_differ_with_equal_counts_are_refused() -> None:
-    """Rank 0 hands `query` to the exact path and rank 1 `key`: same sizes, different owners."""
-    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", "plan", timeout=180)
+@pytest.mark.parametrize("mode", ["plan", "shapes"], ids=["plans-differ-with-equal-counts", "parameter-shapes-differ"])
+def test_processes_whose_statistics_would_not_line_up_are_refused_not_reduced(mode: str) -> None:
+    """``plan``: rank 0 hands `query` to the exact path and rank 1 `key` (same sizes, different owners).
+    ``shapes``: same names, other sizes (reducing the buffers would abort gloo, "data size doesn't match")."""
+    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", mode, timeout=180)
     out = proc.stdout
     assert proc.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank} raised RuntimeError: processes disagree" in out, out + proc.stderr[-2000:]
+        assert f"rank {rank} raised RuntimeError: processes disagree on which parameters (or parameter shapes)" in out, \
+            out + proc.stderr[-2000:]
     assert "finished" not in out
 
 
@@ -101,14 +104,3 @@ def test_a_process_with_nothing_to_estimate_stops_every_process_at_once() -> Non
     out = proc.stdout
     assert "rank 1 raised ValueError: the model has no trainable parameter" in out, out + proc.stderr[-2000:]
     assert "rank 0 raised RuntimeError: 1 other process(es) have no trainable parameter" in out, out + proc.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_processes_whose_parameter_shapes_differ_are_refused_not_reduced() -> None:
-    """Same names, other sizes: reducing the buffers would abort gloo ("data size doesn't match")."""
-    proc = torchrun(ROOT / "tests" / "scripts" / "dist_fisher_error.py", "shapes", timeout=180)
-    out = proc.stdout
-    assert proc.returncode != 0
-    for rank in (0, 1):
-        assert f"rank {rank} raised RuntimeError: processes disagree on which parameters (or parameter shapes)" in out, \
-            out + proc.stderr[-2000:]

@@ -65,7 +65,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_equal, all_reduce_sum_, get_rank, get_world_size, is_main_process
 from ..enums import FisherType, KFACApprox, Shape
+from ..modes import evaluating
 from .blocks import Curvature, KFACBlock
 from .config import FisherConfig
 from .predictive import PredictiveFn, PredictiveOutput, default_predictive_fn, output_vectors
@@ -1037,32 +1038,18 @@ def _real_rows(dataloader: Any, n: int) -> int:
     return max(0, min(n, remainder - get_rank() * n))
 
 
-def _repeat_rows(batch: Any, times: int) -> Any:
-    """The batch with every tensor whose leading size is the batch's (1) repeated ``times`` times."""
+def _map_examples(batch: Any, fn: Any) -> Any:
+    """The batch with ``fn`` applied to every tensor whose leading size is the batch's (its examples)."""
     n = _batch_size(batch)
 
-    def rep(v: Any) -> Any:
-        return torch.cat([v] * times) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v
-
-    if isinstance(batch, Mapping):
-        return {key: rep(v) for key, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(rep(v) for v in batch)
-    return rep(batch)
-
-
-def _take_rows(batch: Any, k: int) -> Any:
-    """The first ``k`` examples of a batch (every tensor whose leading size is the batch's)."""
-    n = _batch_size(batch)
-
-    def take(v: Any) -> Any:
-        return v[:k] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v
+    def one(v: Any) -> Any:
+        return fn(v) if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n else v
 
     if isinstance(batch, Mapping):  # _to_device made it a dict
-        return {key: take(v) for key, v in batch.items()}
+        return {key: one(v) for key, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(take(v) for v in batch)
-    return take(batch)
+        return type(batch)(one(v) for v in batch)
+    return one(batch)
 
 
 def _extended_mask(x: Tensor, masks: list[Tensor], is_index_input: bool) -> tuple[Tensor | None, int]:
@@ -1168,8 +1155,7 @@ def estimate_fisher(
     except StopIteration:
         device = torch.device("cpu")
     refused = torch.tensor([float(not est.params)], dtype=torch.float64, device=device)
-    if get_world_size() > 1:  # every rank refuses together, not one while the others wait in a collective
-        all_reduce_sum_([refused])
+    all_reduce_sum_([refused])  # every rank refuses together, not one while the others wait in a collective
     if not est.params:
         raise ValueError(
             "the model has no trainable parameter left to estimate a Fisher for: every parameter is "
@@ -1309,8 +1295,8 @@ def estimate_fisher(
             stacks[1].register_forward_pre_hook(enter(1)),
             stacks[0].register_forward_hook(encoder_done),
         ]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
+    modes = ExitStack()
+    modes.enter_context(evaluating(model))  # until the finally below: every module back in its own mode
     n_examples = torch.zeros((), dtype=torch.float64, device=device)
     fallback = list(est.fallback_params.values())
     fallback_names = list(est.fallback_params)
@@ -1345,31 +1331,31 @@ def estimate_fisher(
             if real == 0:
                 continue
             if real < _batch_size(batch):
-                batch = _take_rows(batch, real)
-            if first and _batch_size(batch) == 1:
+                batch = _map_examples(batch, lambda v: v[:real])
+            result = None
+            if first:
+                first = False
                 # The plan's checks compare examples (a broadcast call expanded per example, rows that
-                # are not the examples): one example cannot show them. They run on the example twice,
-                # whose statistics are dropped; the batch itself then runs with the final plan.
-                probe = _repeat_rows(batch, 2)
+                # are not the examples): one example cannot show them, so they run on it twice (those
+                # statistics are dropped) and the batch itself then runs with the final plan.
+                probe = batch if _batch_size(batch) > 1 else _map_examples(batch, lambda v: torch.cat([v, v]))
                 masks[:] = _position_masks(probe, stacks is not None)
-                batch_n[0] = 2
-                _, z_probe, _, _ = first_forward(probe)
-                est.check_uses(z_probe, calls)
-                del z_probe
-                calls.clear()
-                cache.clear()
-                first = False
+                batch_n[0] = _batch_size(probe)
+                result = first_forward(probe)
+                est.check_uses(result[1], calls)  # first_forward and check_uses may both hand parameters over
                 fallback = list(est.fallback_params.values())
                 fallback_names = list(est.fallback_params)
-            masks[:] = _position_masks(batch, stacks is not None)
-            batch_n[0] = _batch_size(batch)
-            out, z, labels, mask = first_forward(batch) if first else forward(batch)
+                if probe is not batch:
+                    result = None
+                    calls.clear()
+                    cache.clear()
+            if result is None:
+                masks[:] = _position_masks(batch, stacks is not None)
+                batch_n[0] = _batch_size(batch)
+                result = forward(batch)
+            out, z, labels, mask = result
+            del result
             n_examples += z.shape[0]
-            if first:  # first_forward and check_uses may both hand parameters over
-                first = False
-                est.check_uses(z, calls)
-                fallback = list(est.fallback_params.values())
-                fallback_names = list(est.fallback_params)
             for name, shape in unmasked.items():
                 if name in est.handlers:  # a module handed over has no positions to mask
                     logger.warning(
@@ -1379,7 +1365,6 @@ def estimate_fisher(
                     )
             unmasked.clear()
             inputs_done = False  # A is added once the first backward shows which calls reach the outputs
-            check_extended = not extension_checked
             for call in calls:
                 if call.mask.shape[0] != z.shape[0] and not isinstance(call.handler, _KFACLinear):
                     raise ValueError(
@@ -1394,8 +1379,8 @@ def estimate_fisher(
             ):
                 if outs:
                     grads = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
-                    if not inputs_done and check_extended:
-                        check_extended, extension_checked = False, True
+                    if not inputs_done and not extension_checked:
+                        extension_checked = True
                         est.check_extended(calls, grads)
                     if not inputs_done:
                         # a call whose output the predictions do not depend on (DoRA's weight-norm pass
@@ -1433,8 +1418,7 @@ def estimate_fisher(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        modes.close()
     status = torch.stack([n_examples, torch.tensor(float(failure is not None), dtype=torch.float64, device=device)])
     all_reduce_sum_([status])
     if failure is not None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..modes import evaluating
 from .metrics import bootstrap_ci, concept_ranks_from_string_scores, target_ranks
 from .task import ELTask
 
@@ -129,16 +130,11 @@ def map_texts(model: Any, tokenizer: Any, texts: Sequence[str], fn: Callable[[Te
 
     Texts are batched by length (:func:`_batches_by_length`); every module's train/eval mode is restored.
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     dev = _device(model)
     out = torch.empty(len(texts), width)
-    try:
+    with evaluating(model):
         for pos, ids, am in _batches_by_length(tokenizer, texts, batch_size, max_length):
             out[pos] = fn(ids.to(dev), am.to(dev)).float().cpu()
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return out
 
 

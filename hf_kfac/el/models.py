@@ -636,28 +636,31 @@ def build_el_model(formulation: str, encoder: str | os.PathLike | None = None, *
     return cls.from_encoder(encoder, **config_kwargs)
 
 
-def read_el_spec(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
-                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> dict[str, Any]:
-    """The options saved in a model's ``el_model.json`` (formulation, pooling, temperature, heads...),
-    from a folder or a Hub repo, without building the model."""
+def _el_spec(path_or_repo: str | os.PathLike, revision: str | None, token: str | bool | None,
+             cache_dir: str | os.PathLike | None, local_files_only: bool) -> tuple[Path, dict[str, Any]]:
+    """The local folder of a saved entity-linking model (downloaded if a Hub repo) and its ``el_model.json``."""
     folder = _el_files_folder(path_or_repo, revision, token, cache_dir, local_files_only)
     spec_file = folder / EL_MODEL_FILE
     if not spec_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} holds no {EL_MODEL_FILE}: not a saved hf_kfac entity-linking model")
-    return json.loads(spec_file.read_text(encoding="utf-8"))
+    return folder, json.loads(spec_file.read_text(encoding="utf-8"))
+
+
+def read_el_spec(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> dict[str, Any]:
+    """The options saved in a model's ``el_model.json`` (formulation, pooling, temperature, heads...),
+    from a folder or a Hub repo, without building the model."""
+    return _el_spec(path_or_repo, revision, token, cache_dir, local_files_only)[1]
 
 
 def load_el_model(path_or_repo: str | os.PathLike, **kwargs: Any) -> _ELModel:
     """Load a saved entity-linking model of either formulation (folder or Hub repo)."""
-    folder = _el_files_folder(path_or_repo, kwargs.pop("revision", None), kwargs.pop("token", None),
-                              kwargs.pop("cache_dir", None), kwargs.pop("local_files_only", False))
-    spec_file = folder / EL_MODEL_FILE
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} holds no {EL_MODEL_FILE}: not a saved hf_kfac entity-linking model")
-    formulation = json.loads(spec_file.read_text(encoding="utf-8")).get("formulation")
+    folder, spec = _el_spec(path_or_repo, kwargs.pop("revision", None), kwargs.pop("token", None),
+                            kwargs.pop("cache_dir", None), kwargs.pop("local_files_only", False))
+    formulation = spec.get("formulation")
     cls = {"classifier": ELClassifier, "bi-encoder": ELBiEncoder}.get(formulation)
     if cls is None:
-        raise ValueError(f"{spec_file}: unknown formulation {formulation!r}")
+        raise ValueError(f"{folder / EL_MODEL_FILE}: unknown formulation {formulation!r}")
     return cls.from_pretrained(folder, **kwargs)
 
 
